@@ -1,0 +1,1 @@
+"""Stage 3: per-layer metrics, trajectories, plots and reports read from stores and fitted lenses."""

