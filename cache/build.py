@@ -1,0 +1,352 @@
+"""`build_store`: one model pass over packed text into a store (the `lenscache build` command).
+
+The main thread runs forward passes; a writer thread encodes (bf16/fp16 conversion, overflow
+checks), compresses and writes through a bounded queue, so host memory is bounded by the queue
+depth whatever the number of tokens. On CUDA, device-to-host copies go to pinned buffers on a
+separate stream, so the next forward pass starts while the previous batch is still copying.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from lenscache import __version__, location
+from lenscache.encoding import get_preset
+from lenscache.errors import DataError, LensCacheError, ModelError, ResumeMismatch, StoreError
+from lenscache.head import Unembed
+from lenscache.schema import SCHEMA_VERSION, BuildState, StoreMeta, plan_seq_chunks
+
+from .arch import ResidualRecorder, extract_head, find_taps
+from .model import LoadedModel, ModelSpec, load_model
+from .staging import BatchOutput, RowEncoder, to_host
+from .text import DataSpec, PackedTokens, pack_tokens
+from .writer import StoreWriter, utcnow
+
+DEFAULT_TOKENS_PER_BATCH = 4096
+
+
+@dataclass
+class BuildConfig:
+    """Everything `lenscache build` takes; see the CLI's help for each option."""
+
+    out: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=lambda: DataSpec("builtin:stdlib-docstrings"))
+    seq_len: int = 512
+    max_tokens: int | None = None
+    layers: list[int] | None = None  # None: every boundary 0..n_layers
+    codec: str = "bf16-zstd"
+    topk: int = 16
+    full_logits: bool = False
+    batch_size: int | None = None  # sequences per forward pass
+    seqs_per_chunk: int | None = None
+    prepend_bos: bool | None = None
+    separator: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class BuildSummary:
+    url: str
+    n_sequences: int
+    n_tokens: int
+    tokens_built: int  # this run (less than n_tokens after a resume)
+    seconds: float
+    bytes_written: int
+    raw_bytes: int
+    head_max_abs_error: float | None
+    resumed_from: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_built / self.seconds if self.seconds else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.raw_bytes / self.bytes_written if self.bytes_written else 0.0
+
+
+def _check_head(loaded: LoadedModel, unembed: Unembed, final: torch.Tensor, logits: torch.Tensor) -> float:
+    """Max abs error between the stored head's logits and the model's; refuse a head that differs."""
+    recomputed = unembed.to(final.device)(final)
+    err = (recomputed - logits.float()).abs().max().item()
+    scale = max(1.0, logits.float().abs().max().item())
+    # fp32 forward passes agree to rounding; 16-bit ones round the model's own logits
+    tol = (1e-4 if loaded.dtype == torch.float32 else 2e-2) * scale
+    if not err <= tol:
+        raise ModelError(
+            f"the extracted output head does not reproduce the model's logits (max abs error {err:.3g}, "
+            f"tolerance {tol:.3g}); this architecture's head is not supported yet"
+        )
+    return err
+
+
+def _resolve_layers(requested: list[int] | None, n_layers: int) -> list[int]:
+    if requested is None:
+        return list(range(n_layers + 1))
+    bad = [i for i in requested if not 0 <= i <= n_layers]
+    if bad:
+        raise DataError(f"--layers {bad} outside 0..{n_layers} (this model has {n_layers} blocks)")
+    return sorted(set(requested))
+
+
+def _final_encoding(storage_dtype: str, compute: torch.dtype, layers: list[int], n_layers: int) -> str:
+    exact_in_storage = storage_dtype == "float32" or (
+        storage_dtype == "bfloat16" and compute == torch.bfloat16
+    )
+    if n_layers in layers and exact_in_storage:
+        return "resid"
+    if n_layers in layers and storage_dtype == "bfloat16" and compute == torch.float32:
+        return "lo16"
+    return "float32"
+
+
+def _identity(
+    loaded: LoadedModel, packed: PackedTokens, cfg: BuildConfig, layers: list[int], plan: dict
+) -> dict:
+    """What a resume must match for the result to equal one uninterrupted build."""
+    return {
+        "architecture": loaded.provenance["architecture"],
+        "weights_hash": loaded.provenance["weights_hash"],
+        "tokenizer_hash": loaded.provenance["tokenizer"]["hash"],
+        "data_fingerprint": packed.fingerprint,
+        "seq_len": cfg.seq_len,
+        "layers": layers,
+        "codec": cfg.codec,
+        "topk": cfg.topk,
+        "full_logits": cfg.full_logits,
+        "compute_dtype": str(loaded.dtype).removeprefix("torch."),
+        "device_type": loaded.device.type,
+        **plan,
+    }
+
+
+def _open_for_resume(cfg: BuildConfig, identity: dict) -> StoreWriter:
+    writer = StoreWriter.reopen(cfg.out)
+    stored = writer.meta.build.identity
+    diffs = sorted(k for k in identity.keys() | stored.keys() if identity.get(k) != stored.get(k))
+    if diffs:
+        detail = "; ".join(
+            f"{k}: store has {stored.get(k)!r}, this build has {identity.get(k)!r}" for k in diffs
+        )
+        raise ResumeMismatch(f"cannot resume {cfg.out}: it was built with different settings ({detail})")
+    return writer
+
+
+def build_store(cfg: BuildConfig) -> BuildSummary:
+    """Run the model over the data and write (or resume) the store at `cfg.out`."""
+    state = location.classify(cfg.out)
+    if state == "other":
+        raise StoreError(f"{cfg.out} exists and is not a lenscache store; refusing to write there")
+    if state == "store" and not (cfg.resume or cfg.overwrite):
+        raise StoreError(
+            f"{cfg.out} already holds a store: pass --resume to continue it or --overwrite to replace it"
+        )
+    if cfg.topk < 0:
+        raise DataError("--topk must be >= 0")
+
+    loaded = load_model(cfg.model)
+    taps = find_taps(loaded.model)
+    n_layers = taps.n_layers
+    max_ctx = loaded.provenance.get("max_context")
+    if max_ctx and cfg.seq_len > max_ctx:
+        raise DataError(f"--seq-len {cfg.seq_len} is larger than the model's context ({max_ctx} tokens)")
+    layers = _resolve_layers(cfg.layers, n_layers)
+    preset = get_preset(cfg.codec)
+    packed = pack_tokens(
+        cfg.data,
+        loaded.tokenizer,
+        cfg.seq_len,
+        cfg.max_tokens,
+        prepend_bos=cfg.prepend_bos,
+        separator=cfg.separator,
+    )
+    n_seq = packed.tokens.shape[0]
+    vocab = taps.lm_head.weight.shape[0]
+    if packed.tokens.max() >= vocab:
+        raise DataError(
+            f"the tokenizer produced id {int(packed.tokens.max())} beyond the model's vocabulary ({vocab})"
+        )
+
+    batch = cfg.batch_size or max(1, DEFAULT_TOKENS_PER_BATCH // cfg.seq_len)
+    item = 4 if preset.dtype == "float32" else 2
+    s = cfg.seqs_per_chunk or plan_seq_chunks(cfg.seq_len * _d_model(loaded) * item, n_seq, batch)
+    plan = {"batch_size": min(batch, s), "seqs_per_chunk": s}
+    identity = _identity(loaded, packed, cfg, layers, plan)
+    head_spec, head_arrays = extract_head(taps)
+    unembed = Unembed(head_spec, head_arrays)
+
+    if state == "store" and cfg.overwrite and not cfg.resume:
+        location.remove(cfg.out)
+        state = "absent"
+    writer: StoreWriter | None = None
+    if state == "store":
+        writer = _open_for_resume(cfg, identity)
+        if writer.meta.build.status == "complete":
+            return _summary(cfg, writer, n_seq, 0, 0.0, 0, writer.meta.build.committed)
+
+    meta = StoreMeta(
+        schema_version=SCHEMA_VERSION,
+        package_version=__version__,
+        created=utcnow(),
+        model=loaded.provenance,
+        data={"spec": cfg.data.to_dict(), "max_tokens": cfg.max_tokens, **packed.describe()},
+        seq_len=cfg.seq_len,
+        n_sequences=n_seq,
+        n_layers=n_layers,
+        layers=layers,
+        d_model=_d_model(loaded),
+        vocab_size=vocab,
+        storage={"dtype": preset.dtype, "codec": preset.name, "description": preset.description},
+        final={
+            "encoding": _final_encoding(preset.dtype, loaded.dtype, layers, n_layers),
+            "topk": cfg.topk,
+            "full_logits": cfg.full_logits,
+        },
+        head=head_spec,
+        build=BuildState(identity=identity, started=utcnow(), **plan),
+    )
+    encoder = RowEncoder(meta, preset.dtype)
+    start = 0
+    if writer is not None and writer.meta.build.status == "building":
+        start = writer.meta.build.committed
+        meta = writer.meta
+        encoder = RowEncoder(meta, preset.dtype)
+    else:
+        # Check the head before anything is written: a store whose logits cannot be trusted is worse than none.
+        first = _forward(
+            loaded, taps, packed.tokens[: plan["batch_size"]], layers, cfg.topk, keep_logits=True
+        )
+        first.wait()
+        meta.head.check_max_abs_error = _check_head(loaded, unembed, first.final, first.logits)
+        del first
+        writer = StoreWriter.create(cfg.out, meta, preset, packed.tokens, head_arrays, existing=writer)
+
+    return _run(cfg, loaded, taps, packed, writer, encoder, layers, start)
+
+
+def _d_model(loaded: LoadedModel) -> int:
+    return int(loaded.provenance["d_model"])
+
+
+def _forward(
+    loaded: LoadedModel, taps, tokens: np.ndarray, layers: list[int], topk: int, *, keep_logits: bool
+) -> BatchOutput:
+    ids = torch.from_numpy(tokens.astype(np.int64)).to(loaded.device)
+    with torch.inference_mode(), ResidualRecorder(taps, layers) as rec:
+        out = loaded.model(input_ids=ids, use_cache=False)
+        logits = out.logits.float()
+        lse = torch.logsumexp(logits, dim=-1)
+        if topk:
+            values, indices = logits.topk(min(topk, logits.shape[-1]), dim=-1)
+            top = (indices.int(), values - lse.unsqueeze(-1))
+        else:
+            top = None
+        return to_host(rec.states, rec.final, lse, top, logits if keep_logits else None)
+
+
+def _run(
+    cfg, loaded, taps, packed, writer: StoreWriter, encoder: RowEncoder, layers, start: int
+) -> BuildSummary:
+    meta = writer.meta
+    n_seq, s, batch = meta.n_sequences, meta.build.seqs_per_chunk, meta.build.batch_size
+    work: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+    raw_bytes = [0]
+
+    def write_loop() -> None:
+        try:
+            while (item := work.get()) is not None:
+                row_start, batches = item
+                arrays = encoder.encode_row(row_start, batches)
+                raw_bytes[0] += sum(a.nbytes for a in arrays.values())
+                writer.write_rows(row_start, arrays)
+                writer.commit(row_start + sum(b.n for b in batches))
+        except BaseException as exc:  # surfaced in the main thread
+            failure.append(exc)
+            while work.get() is not None:  # unblock the producer
+                pass
+
+    thread = threading.Thread(target=write_loop, name="lenscache-writer", daemon=True)
+    thread.start()
+    bar = _progress(cfg, n_seq, start, meta.seq_len)
+    t0 = time.perf_counter()
+    built = 0
+    try:
+        for row_start in range(start, n_seq, s):
+            row_end = min(row_start + s, n_seq)
+            batches = []
+            for b0 in range(row_start, row_end, batch):
+                b1 = min(b0 + batch, row_end)
+                batches.append(
+                    _forward(
+                        loaded,
+                        taps,
+                        packed.tokens[b0:b1],
+                        layers,
+                        meta.final["topk"],
+                        keep_logits=meta.final["full_logits"],
+                    )
+                )
+                if bar is not None:
+                    bar.update(b1 - b0)
+                    _postfix(bar, built + b1 - row_start, meta.seq_len, t0, writer, raw_bytes[0])
+            if failure:
+                break
+            work.put((row_start, batches))
+            built += row_end - row_start
+    finally:
+        work.put(None)
+        thread.join()
+        if bar is not None:
+            bar.close()
+    if failure:
+        exc = failure[0]
+        raise (
+            exc if isinstance(exc, LensCacheError) else StoreError(f"writing {cfg.out} failed: {exc!r}")
+        ) from exc
+    seconds = time.perf_counter() - t0
+    return _summary(cfg, writer, n_seq, built * meta.seq_len, seconds, raw_bytes[0], start)
+
+
+def _summary(
+    cfg, writer: StoreWriter, n_seq: int, tokens: int, seconds: float, raw: int, start: int
+) -> BuildSummary:
+    return BuildSummary(
+        url=str(cfg.out),
+        n_sequences=n_seq,
+        n_tokens=n_seq * writer.meta.seq_len,
+        tokens_built=tokens,
+        seconds=seconds,
+        bytes_written=writer.counter.bytes_written,
+        raw_bytes=raw,
+        head_max_abs_error=writer.meta.head.check_max_abs_error,
+        resumed_from=start,
+    )
+
+
+def _progress(cfg: BuildConfig, total: int, initial: int, seq_len: int) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="seq", desc="lenscache build", dynamic_ncols=True)
+
+
+def _postfix(bar, seqs_done: int, seq_len: int, t0: float, writer: StoreWriter, raw: int) -> None:
+    elapsed = max(1e-9, time.perf_counter() - t0)
+    written = writer.counter.bytes_written
+    bar.set_postfix(
+        tok_s=f"{seqs_done * seq_len / elapsed:,.0f}",
+        written=f"{written / 2**20:,.1f}MiB",
+        ratio=f"{raw / written:.2f}x" if written and raw else "-",
+        refresh=False,
+    )

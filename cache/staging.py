@@ -1,0 +1,144 @@
+"""Between the forward pass and the writer: host copies of a batch's outputs, and their encoding
+into the arrays of one row of sequences (storage dtype, overflow and finiteness checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from lenscache.encoding import encode, split_lo16
+from lenscache.errors import DataError
+from lenscache.schema import (
+    FINAL_EXACT,
+    FINAL_LO,
+    LOGITS,
+    LOGSUMEXP,
+    RESID,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    StoreMeta,
+)
+
+_copy_stream: torch.cuda.Stream | None = None
+
+
+@dataclass
+class BatchOutput:
+    """One forward pass's outputs on the host (pinned, possibly still copying from the GPU)."""
+
+    states: list[torch.Tensor]  # (b, pos, d) per stored boundary
+    final: torch.Tensor  # (b, pos, d) last boundary at compute precision
+    lse: torch.Tensor  # (b, pos)
+    top_ids: torch.Tensor | None
+    top_logprobs: torch.Tensor | None
+    logits: torch.Tensor | None
+    ready: torch.cuda.Event | None = None
+
+    @property
+    def n(self) -> int:
+        return self.final.shape[0]
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+
+def to_host(
+    states: list[torch.Tensor],
+    final: torch.Tensor,
+    lse: torch.Tensor,
+    top: tuple[torch.Tensor, torch.Tensor] | None,
+    logits: torch.Tensor | None,
+) -> BatchOutput:
+    """Start copying a batch's outputs to the host; on CUDA this returns before the copies finish."""
+    top_ids, top_lp = top if top is not None else (None, None)
+    if final.device.type != "cuda":
+        return BatchOutput(states, final, lse, top_ids, top_lp, logits)
+    global _copy_stream
+    if _copy_stream is None:
+        _copy_stream = torch.cuda.Stream(device=final.device)
+    stream = _copy_stream
+    stream.wait_stream(torch.cuda.current_stream(final.device))
+
+    def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        t.record_stream(stream)  # keep the device memory alive until the copy has run
+        return host
+
+    with torch.cuda.stream(stream):
+        out = BatchOutput(
+            [copy(s) for s in states], copy(final), copy(lse), copy(top_ids), copy(top_lp), copy(logits)
+        )
+        out.ready = torch.cuda.Event()
+        out.ready.record(stream)
+    return out
+
+
+def _first_bad(mask: torch.Tensor) -> tuple[int, int]:
+    seq, pos = (int(i) for i in mask.nonzero()[0][:2])
+    return seq, pos
+
+
+class RowEncoder:
+    """Turns the batches of one row of sequences into the arrays the writer stores."""
+
+    def __init__(self, meta: StoreMeta, storage_dtype: str):
+        self.meta = meta
+        self.dtype = storage_dtype
+        self.final_index = meta.layers.index(meta.n_layers) if meta.n_layers in meta.layers else None
+
+    def _checked(self, x: torch.Tensor, boundary: int | str, row_start: int) -> np.ndarray:
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            seq, pos = _first_bad(~finite)
+            raise DataError(
+                f"the model produced a non-finite activation at layer {boundary}, sequence {row_start + seq}, "
+                f"position {pos}; the store is left with the rows committed before it"
+            )
+        encoded = encode(x, self.dtype)
+        if self.dtype == "float16":
+            overflow = ~np.isfinite(encoded)
+            if overflow.any():
+                seq, pos = (int(i) for i in np.argwhere(overflow)[0][:2])
+                raise DataError(
+                    f"float16 overflow at layer {boundary}, sequence {row_start + seq}, position {pos} "
+                    f"(|value| > 65504); use --codec bf16-zstd, which has float32's range"
+                )
+        return encoded
+
+    def encode_row(self, row_start: int, batches: list[BatchOutput]) -> dict[str, np.ndarray]:
+        for b in batches:
+            b.wait()
+        meta = self.meta
+        out: dict[str, np.ndarray] = {}
+        n = sum(b.n for b in batches)
+        first = batches[0].states[0] if batches[0].states else batches[0].final
+        resid = None
+        for li, boundary in enumerate(meta.layers):
+            x = torch.cat([b.states[li] for b in batches]) if len(batches) > 1 else batches[0].states[li]
+            block = self._checked(x, boundary, row_start)
+            if resid is None:
+                resid = np.empty((len(meta.layers), n, *first.shape[1:]), dtype=block.dtype)
+            resid[li] = block
+        final = torch.cat([b.final for b in batches]) if len(batches) > 1 else batches[0].final
+        encoding = meta.final["encoding"]
+        if encoding == "lo16":
+            hi, lo = split_lo16(final)
+            resid[self.final_index] = hi
+            out[FINAL_LO] = lo
+        elif encoding == "float32":
+            self._checked(final, meta.n_layers, row_start)
+            out[FINAL_EXACT] = final.float().numpy()
+        out[RESID] = resid
+        out[LOGSUMEXP] = torch.cat([b.lse for b in batches]).numpy()
+        if meta.final["topk"]:
+            out[TOPK_IDS] = torch.cat([b.top_ids for b in batches]).numpy()
+            out[TOPK_LOGPROBS] = torch.cat([b.top_logprobs for b in batches]).numpy()
+        if meta.final["full_logits"]:
+            out[LOGITS] = encode(torch.cat([b.logits for b in batches]), self.dtype)
+        return out

@@ -1,0 +1,193 @@
+"""Writes a store: preallocates every array, writes rows of sequences by region, commits progress.
+
+Crash safety rests on one ordering: a row's chunks are all written before the root metadata's
+``committed`` count moves past it, and each chunk and metadata write is atomic (zarr's LocalStore
+writes a temporary file and renames it). A killed build therefore leaves whole chunks and a
+committed count that only names complete rows; resuming rewrites everything after that count.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+from lenscache import location
+from lenscache.encoding import CARRIER, SERIALIZER, CodecPreset, compressors
+from lenscache.errors import StoreError
+from lenscache.schema import (
+    DIMS,
+    FINAL_EXACT,
+    FINAL_LO,
+    HEAD,
+    HEAD_ARRAYS,
+    LOGICAL_DTYPE_ATTR,
+    LOGITS,
+    LOGSUMEXP,
+    META_KEY,
+    RESID,
+    TOKENS,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    StoreMeta,
+    plan_pos_chunk,
+    plan_seq_chunks,
+)
+from zarr.storage import WrapperStore
+
+
+def utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class CountingStore(WrapperStore):
+    """Counts the bytes written through it, for the progress bar and the build summary."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.bytes_written = 0
+
+    async def set(self, key: str, value, byte_range=None) -> None:  # type: ignore[override]
+        self.bytes_written += len(value)
+        await self._store.set(key, value)
+
+
+@dataclass
+class ArrayPlan:
+    name: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    zarr_dtype: str
+    logical_dtype: str | None = None  # set when the zarr dtype only carries the bits
+    compress: bool = True
+
+
+def plan_arrays(meta: StoreMeta, preset: CodecPreset) -> list[ArrayPlan]:
+    """Every per-sequence array of the store with its chunking (all share `seqs_per_chunk` rows)."""
+    n, t, d = meta.n_sequences, meta.seq_len, meta.d_model
+    s = meta.build.seqs_per_chunk
+    carrier = CARRIER[preset.dtype]
+    item = np.dtype(carrier).itemsize
+    logical = preset.dtype if carrier != preset.dtype else None
+    p = plan_pos_chunk(s, t, d * item)
+    plans = [
+        # tokens are tiny: group many rows per chunk (a multiple of s keeps rows aligned)
+        ArrayPlan(TOKENS, (n, t), (plan_seq_chunks(t * 4, n, s), t), "int32"),
+        ArrayPlan(RESID, (len(meta.layers), n, t, d), (1, s, p, d), carrier, logical),
+    ]
+    encoding = meta.final["encoding"]
+    if encoding == "lo16":
+        plans.append(ArrayPlan(FINAL_LO, (n, t, d), (s, p, d), "uint16"))
+    elif encoding == "float32":
+        plans.append(ArrayPlan(FINAL_EXACT, (n, t, d), (s, plan_pos_chunk(s, t, d * 4), d), "float32"))
+    k = meta.final["topk"]
+    if k:
+        rows = plan_seq_chunks(t * k * 4, n, s)
+        plans.append(ArrayPlan(TOPK_IDS, (n, t, k), (rows, t, k), "int32"))
+        plans.append(ArrayPlan(TOPK_LOGPROBS, (n, t, k), (rows, t, k), "float32"))
+    plans.append(ArrayPlan(LOGSUMEXP, (n, t), (plan_seq_chunks(t * 4, n, s), t), "float32"))
+    if meta.final["full_logits"]:
+        v = meta.vocab_size
+        plans.append(ArrayPlan(LOGITS, (n, t, v), (1, plan_pos_chunk(1, t, v * item), v), carrier, logical))
+    return plans
+
+
+class StoreWriter:
+    """Owns an open store during a build."""
+
+    def __init__(self, group: zarr.Group, counter: CountingStore, meta: StoreMeta):
+        self.group = group
+        self.counter = counter
+        self.meta = meta
+
+    @classmethod
+    def create(
+        cls,
+        url: str | os.PathLike,
+        meta: StoreMeta,
+        preset: CodecPreset,
+        tokens: np.ndarray,
+        head_arrays: dict[str, np.ndarray],
+        *,
+        existing: StoreWriter | None = None,
+    ) -> StoreWriter:
+        """Lay out a new store (or re-lay an 'initializing' one) and write tokens and head."""
+        if existing is None:
+            counter = CountingStore(location.zarr_store(url, read_only=False))
+            group = zarr.open_group(store=counter, mode="w")
+        else:
+            counter, group = existing.counter, existing.group
+        meta.build.status = "initializing"
+        meta.build.committed = 0
+        writer = cls(group, counter, meta)
+        writer._write_meta()
+        for plan in plan_arrays(meta, preset):
+            attrs = {LOGICAL_DTYPE_ATTR: plan.logical_dtype} if plan.logical_dtype else {}
+            item = np.dtype(plan.zarr_dtype).itemsize
+            group.create_array(
+                plan.name,
+                shape=plan.shape,
+                chunks=plan.chunks,
+                dtype=plan.zarr_dtype,
+                serializer=SERIALIZER,
+                compressors=preset.compressors(item) if plan.name in (RESID, LOGITS) else compressors(item),
+                fill_value=0,
+                dimension_names=DIMS[plan.name],
+                attributes=attrs,
+                overwrite=True,
+            )
+        head = group.require_group(HEAD)
+        for name, value in head_arrays.items():
+            arr = head.create_array(
+                name,
+                shape=value.shape,
+                chunks=_head_chunks(value),
+                dtype="float32",
+                serializer=SERIALIZER,
+                compressors=compressors(4),
+                dimension_names=HEAD_ARRAYS[name],
+                overwrite=True,
+            )
+            arr[...] = value
+        group[TOKENS][...] = tokens
+        meta.build.status = "building"
+        writer._write_meta()
+        return writer
+
+    @classmethod
+    def reopen(cls, url: str | os.PathLike) -> StoreWriter:
+        counter = CountingStore(location.zarr_store(url, read_only=False))
+        group = zarr.open_group(store=counter, mode="r+")
+        try:
+            meta = StoreMeta.from_dict(group.attrs[META_KEY])
+        except KeyError:
+            raise StoreError(f"{url} is a zarr group but not a lenscache store") from None
+        return cls(group, counter, meta)
+
+    def write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write sequences [start, start + n) of every per-sequence array (resid's axis 1)."""
+        for name, block in arrays.items():
+            arr = self.group[name]
+            if name == RESID:
+                arr[:, start : start + block.shape[1]] = block
+            else:
+                arr[start : start + block.shape[0]] = block
+
+    def commit(self, committed: int) -> None:
+        self.meta.build.committed = committed
+        if committed == self.meta.n_sequences:
+            self.meta.build.status = "complete"
+            self.meta.build.finished = utcnow()
+        self._write_meta()
+
+    def _write_meta(self) -> None:
+        self.group.attrs.update({META_KEY: self.meta.to_dict()})
+
+
+def _head_chunks(value: np.ndarray) -> tuple[int, ...]:
+    if value.ndim == 1:
+        return value.shape
+    rows = max(1, min(value.shape[0], (4 << 20) // (value.shape[1] * 4)))
+    return (rows, value.shape[1])

@@ -1,0 +1,242 @@
+"""End-to-end builds on tiny random models of every family: contents, exactness, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lenscache.cache.build import BuildConfig, build_store
+from lenscache.cache.model import ModelSpec
+from lenscache.cache.text import DataSpec
+from lenscache.errors import DataError, ModelError, ResumeMismatch, StoreError
+from lenscache.reader import open_store
+from lenscache.verify import verify_store
+from tiny_models import FAMILIES, TRAIN_TEXT, make_tiny_model
+from transformers import AutoModelForCausalLM
+
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n\n".join(TRAIN_TEXT * 6), encoding="utf-8")
+    return path
+
+
+def config(model_dir: Path, text: Path, out, **kw) -> BuildConfig:
+    kw.setdefault("seq_len", SEQ)
+    kw.setdefault("max_tokens", SEQ * 6)
+    kw.setdefault("progress", False)
+    return BuildConfig(out=str(out), model=ModelSpec(str(model_dir)), data=DataSpec(str(text)), **kw)
+
+
+def reference(model_dir: Path, tokens: np.ndarray):
+    """The model's own hidden states and log-probs for the stored tokens, computed independently."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(tokens.astype(np.int64)), output_hidden_states=True)
+    return out.hidden_states, torch.log_softmax(out.logits.float(), -1)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_builds_a_verified_exact_store(family, tiny_model_factory, text_file, tmp_path):
+    model_dir = tiny_model_factory(family)
+    summary = build_store(config(model_dir, text_file, tmp_path / "s.zarr", batch_size=2, seqs_per_chunk=4))
+    assert summary.n_sequences == 6 and summary.n_tokens == 6 * SEQ
+    report = verify_store(tmp_path / "s.zarr")
+    assert report.ok, report.problems
+
+    store = open_store(tmp_path / "s.zarr")
+    meta = store.meta
+    assert meta.build.status == "complete" and store.n_sequences == 6
+    assert store.layers == list(range(meta.n_layers + 1))
+    hidden, logprobs = reference(model_dir, store.tokens())
+    # boundaries 0..n-1 are Hugging Face's hidden_states; the last one there is normed, ours is not
+    for boundary in range(meta.n_layers):
+        np.testing.assert_allclose(store.resid(boundary), hidden[boundary].numpy(), rtol=1e-2, atol=1e-2)
+    # the final distribution is recovered exactly from the store alone
+    recovered = store.final_logprobs()
+    assert (recovered - logprobs).abs().max().item() < 1e-4
+    ids, top_lp = store.topk()
+    np.testing.assert_array_equal(ids[..., 0], logprobs.argmax(-1).numpy())
+    np.testing.assert_allclose(top_lp[..., 0], logprobs.max(-1).values.numpy(), atol=1e-4)
+    assert meta.head.check_max_abs_error is not None and meta.head.check_max_abs_error < 1e-4
+
+
+def test_default_store_layout_and_metadata(llama_dir, text_file, tmp_path):
+    build_store(config(llama_dir, text_file, tmp_path / "s.zarr"))
+    store = open_store(tmp_path / "s.zarr")
+    meta = store.meta
+    assert meta.storage["dtype"] == "bfloat16" and meta.final["encoding"] == "lo16"
+    resid = store.arrays["resid"]
+    assert resid.metadata.dimension_names == ("layer", "seq", "pos", "d_model")
+    assert resid.chunks[0] == 1, "one layer per chunk: reading a layer reads nothing else"
+    for arr in store.arrays.values():
+        names = [c.to_dict()["name"] for c in arr.metadata.codecs]
+        assert names[-1] == "crc32c", names
+    for key in ("weights_hash", "revision", "id"):
+        assert key in meta.model
+    assert meta.model["tokenizer"]["hash"].startswith("sha256:")
+    assert meta.data["fingerprint"].startswith("sha256:")
+    assert meta.package_version and meta.created and meta.schema_version == 1
+    # the last boundary's stored bf16 is within one bf16 step of the exact value
+    exact = store.final_resid()
+    hi = store._decoded("resid", (meta.layers.index(meta.n_layers), slice(0, 6)))
+    assert np.all(np.abs(exact - hi) <= np.abs(exact) * 2**-7 + 1e-30)
+
+
+def test_layer_subset_and_float32_codec(llama_dir, text_file, tmp_path):
+    build_store(config(llama_dir, text_file, tmp_path / "a.zarr", layers=[0, 2], codec="fp32-zstd"))
+    store = open_store(tmp_path / "a.zarr")
+    assert store.layers == [0, 2] and store.meta.final["encoding"] == "float32"
+    hidden, logprobs = reference(llama_dir, store.tokens())
+    np.testing.assert_array_equal(store.resid(2), hidden[2].numpy())
+    assert (store.final_logprobs() - logprobs).abs().max().item() < 1e-4
+    with pytest.raises(StoreError, match="layer 1 is not in this store"):
+        store.resid(1)
+    assert verify_store(tmp_path / "a.zarr").ok
+
+
+def test_full_logits_option(gpt2_dir, text_file, tmp_path):
+    build_store(config(gpt2_dir, text_file, tmp_path / "f.zarr", full_logits=True, topk=0, codec="fp32-zstd"))
+    store = open_store(tmp_path / "f.zarr")
+    _, logprobs = reference(gpt2_dir, store.tokens())
+    stored = torch.from_numpy(store.logits())
+    assert (torch.log_softmax(stored, -1) - logprobs).abs().max().item() < 1e-4
+    with pytest.raises(StoreError, match="without top-k"):
+        store.topk()
+
+
+def test_fsspec_memory_store(llama_dir, text_file):
+    url = "memory://lenscache-test/store.zarr"
+    build_store(config(llama_dir, text_file, url))
+    assert verify_store(url).ok
+    store = open_store(url)
+    assert store.resid(1).shape == (6, SEQ, 64)
+
+
+def test_fp16_overflow_names_layer_and_position(tiny_model_factory, text_file, tmp_path):
+    model_dir = tiny_model_factory("llama")
+    big = tmp_path / "big"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e9)  # every entry beyond float16
+    model.save_pretrained(big)
+    for f in model_dir.glob("tokenizer*"):
+        (big / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(DataError, match=r"float16 overflow at layer 0, sequence 0, position 0.*bf16"):
+        build_store(config(big, text_file, tmp_path / "o.zarr", codec="fp16-zstd"))
+
+
+def test_existing_output_that_is_not_a_store_is_left_alone(llama_dir, text_file, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not touch")
+    with pytest.raises(StoreError, match="not a lenscache store"):
+        build_store(config(llama_dir, text_file, out))
+    assert (out / "thesis.tex").read_text() == "do not touch"
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_existing_store_needs_resume_or_overwrite(llama_dir, text_file, tmp_path):
+    out = tmp_path / "s.zarr"
+    build_store(config(llama_dir, text_file, out))
+    with pytest.raises(StoreError, match="--resume"):
+        build_store(config(llama_dir, text_file, out))
+    summary = build_store(config(llama_dir, text_file, out, resume=True))
+    assert summary.tokens_built == 0  # complete: nothing to do
+    with pytest.raises(ResumeMismatch, match="seq_len"):
+        build_store(config(llama_dir, text_file, out, resume=True, seq_len=8, max_tokens=48))
+    build_store(config(llama_dir, text_file, out, overwrite=True, seq_len=8, max_tokens=48))
+    assert open_store(out).seq_len == 8
+
+
+def test_resume_refuses_another_model(llama_dir, text_file, tmp_path):
+    out = tmp_path / "s.zarr"
+    build_store(config(llama_dir, text_file, out))
+    other = make_tiny_model(tmp_path / "other-llama", "llama", seed=1)  # same shapes, other weights
+    with pytest.raises(ResumeMismatch, match="weights_hash"):
+        build_store(config(other, text_file, out, resume=True))
+    assert open_store(out).meta.build.status == "complete"
+
+
+def test_head_that_does_not_reproduce_logits_is_refused(llama_dir, text_file, tmp_path, monkeypatch):
+    import lenscache.cache.build as build_mod
+
+    real = build_mod.extract_head
+
+    def wrong_eps(taps):
+        spec, arrays = real(taps)
+        arrays["norm_weight"] = arrays["norm_weight"] * 1.5
+        return spec, arrays
+
+    monkeypatch.setattr(build_mod, "extract_head", wrong_eps)
+    with pytest.raises(ModelError, match="does not reproduce the model's logits"):
+        build_store(config(llama_dir, text_file, tmp_path / "h.zarr"))
+    assert not (tmp_path / "h.zarr").exists(), "nothing is written before the head check passes"
+
+
+def test_seq_len_beyond_context_and_bad_layers(llama_dir, text_file, tmp_path):
+    with pytest.raises(DataError, match="larger than the model's context"):
+        build_store(config(llama_dir, text_file, tmp_path / "x.zarr", seq_len=4096, max_tokens=8192))
+    with pytest.raises(DataError, match="outside 0..3"):
+        build_store(config(llama_dir, text_file, tmp_path / "x.zarr", layers=[0, 9]))
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def _committed(out: Path) -> int:
+    try:
+        meta = json.loads((out / "zarr.json").read_text())
+        return meta["attributes"]["lenscache"]["build"]["committed"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_sigkill_mid_build_then_resume_equals_clean_build(llama_dir, text_file, tmp_path):
+    """Kill -9 a CLI build part-way, resume it, and compare every array with an uninterrupted build."""
+    n_seq = 48
+    common = [
+        "--model", str(llama_dir), "--data", str(text_file), "--seq-len", "8",
+        "--max-tokens", str(8 * n_seq), "--batch-size", "1", "--seqs-per-chunk", "1", "--no-progress",
+    ]  # fmt: skip
+    cli = [sys.executable, "-m", "lenscache.tools.cli", "build"]
+    killed = tmp_path / "killed.zarr"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([*cli, *common, "--out", str(killed)], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _committed(killed) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    at_kill = _committed(killed)
+    assert 0 < at_kill < n_seq, f"kill landed at {at_kill} of {n_seq}: make the build longer"
+    assert not verify_store(killed).ok  # incomplete, and says so
+
+    partial = open_store(killed)
+    assert partial.n_sequences == at_kill  # readers see committed sequences only
+    with pytest.raises(IndexError):
+        partial.tokens(slice(0, at_kill + 1))
+
+    resumed = subprocess.run(
+        [*cli, *common, "--out", str(killed), "--resume"], env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at sequence {at_kill}" in resumed.stdout
+    clean = tmp_path / "clean.zarr"
+    subprocess.run([*cli, *common, "--out", str(clean)], env=env, check=True, capture_output=True)
+
+    a, b = open_store(killed), open_store(clean)
+    assert verify_store(killed).ok
+    assert a.meta.build.identity == b.meta.build.identity
+    assert set(a.arrays) == set(b.arrays)
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name][...], b.arrays[name][...], err_msg=name)
