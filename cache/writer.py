@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import zarr
+from zarr.storage import WrapperStore
+
 from lenscache import location
 from lenscache.encoding import CARRIER, SERIALIZER, CodecPreset, compressors
 from lenscache.errors import StoreError
@@ -35,7 +37,6 @@ from lenscache.schema import (
     plan_pos_chunk,
     plan_seq_chunks,
 )
-from zarr.storage import WrapperStore
 
 
 def utcnow() -> str:

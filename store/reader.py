@@ -46,6 +46,9 @@ def check_array_safe(path: str, array: zarr.Array) -> None:
     md = array.metadata
     if getattr(md, "zarr_format", None) != 3:
         raise StoreError(f"array {path!r} is not a Zarr v3 array; lenscache stores are Zarr v3 only")
+    kind = np.dtype(array.dtype).kind if isinstance(array.dtype, np.dtype) else "O"
+    if kind not in SAFE_DTYPE_KINDS:
+        raise StoreError(f"array {path!r} has non-numeric dtype {array.dtype}; refusing to open it")
     for codec in md.codecs:
         name = codec.to_dict()["name"]
         if name not in SAFE_CODECS:
@@ -53,9 +56,6 @@ def check_array_safe(path: str, array: zarr.Array) -> None:
                 f"array {path!r} uses codec {name!r}, which lenscache does not open (allowed: "
                 f"{', '.join(sorted(SAFE_CODECS))}); refusing before reading any data"
             )
-    kind = np.dtype(array.dtype).kind
-    if kind not in SAFE_DTYPE_KINDS:
-        raise StoreError(f"array {path!r} has non-numeric dtype {array.dtype}; refusing to open it")
 
 
 class Store:

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import FAMILIES, TRAIN_TEXT, make_tiny_model
+from transformers import AutoModelForCausalLM
+
 from lenscache.cache.build import BuildConfig, build_store
 from lenscache.cache.model import ModelSpec
 from lenscache.cache.text import DataSpec
 from lenscache.errors import DataError, ModelError, ResumeMismatch, StoreError
 from lenscache.reader import open_store
 from lenscache.verify import verify_store
-from tiny_models import FAMILIES, TRAIN_TEXT, make_tiny_model
-from transformers import AutoModelForCausalLM
 
 SEQ = 16
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from tiny_models import TRAIN_TEXT
+
 from lenscache.errors import StoreError
 from lenscache.reader import open_store
 from lenscache.verify import verify_store
-from tiny_models import TRAIN_TEXT
 
 CLI = [sys.executable, "-m", "lenscache.tools.cli"]
 

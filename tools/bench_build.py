@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from lenscache.cache.build import DEFAULT_TOKENS_PER_BATCH, BuildConfig, build_store
 from lenscache.cache.model import ModelSpec, load_model
 from lenscache.cache.text import DataSpec, pack_tokens

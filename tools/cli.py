@@ -6,6 +6,7 @@ import json
 import sys
 
 import click
+
 from lenscache import __version__
 from lenscache.encoding import DEFAULT_PRESET, PRESETS
 from lenscache.errors import LensCacheError

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import numpy as np
+
 from lenscache.reader import Store
 from lenscache.schema import FINAL_EXACT, FINAL_LO, LOGITS, LOGSUMEXP, RESID, TOPK_IDS, TOPK_LOGPROBS
 
