@@ -8,6 +8,7 @@ separate stream, so the next forward pass starts while the previous batch is sti
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
@@ -30,6 +31,7 @@ from .text import DataSpec, PackedTokens, pack_tokens
 from .writer import StoreWriter, utcnow
 
 DEFAULT_TOKENS_PER_BATCH = 4096
+LOGIT_CHUNK_TOKENS = 256
 
 
 @dataclass
@@ -61,7 +63,7 @@ class BuildSummary:
     n_tokens: int
     tokens_built: int  # this run (less than n_tokens after a resume)
     seconds: float
-    bytes_written: int
+    bytes_written: int  # by this run's rows (compressed)
     raw_bytes: int
     head_max_abs_error: float | None
     resumed_from: int
@@ -75,11 +77,14 @@ class BuildSummary:
         return self.raw_bytes / self.bytes_written if self.bytes_written else 0.0
 
 
-def _check_head(loaded: LoadedModel, unembed: Unembed, final: torch.Tensor, logits: torch.Tensor) -> float:
-    """Max abs error between the stored head's logits and the model's; refuse a head that differs."""
-    recomputed = unembed.to(final.device)(final)
-    err = (recomputed - logits.float()).abs().max().item()
-    scale = max(1.0, logits.float().abs().max().item())
+def _check_head(loaded: LoadedModel, taps, unembed: Unembed, tokens: np.ndarray) -> float:
+    """Max abs error between the stored head's logits and the model's own; refuse a head that differs."""
+    ids = torch.from_numpy(tokens.astype(np.int64)).to(loaded.device)
+    with torch.inference_mode(), ResidualRecorder(taps, []) as rec:
+        logits = loaded.model(input_ids=ids, use_cache=False).logits.float()
+        recomputed = unembed.to(loaded.device)(rec.final)
+    err = (recomputed - logits).abs().max().item()
+    scale = max(1.0, logits.abs().max().item())
     # fp32 forward passes agree to rounding; 16-bit ones round the model's own logits
     tol = (1e-4 if loaded.dtype == torch.float32 else 2e-2) * scale
     if not err <= tol:
@@ -192,7 +197,7 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
     if state == "store":
         writer = _open_for_resume(cfg, identity)
         if writer.meta.build.status == "complete":
-            return _summary(cfg, writer, n_seq, 0, 0.0, 0, writer.meta.build.committed)
+            return _summary(cfg, writer, n_seq, 0, 0.0, 0, 0, writer.meta.build.committed)
 
     meta = StoreMeta(
         schema_version=SCHEMA_VERSION,
@@ -223,41 +228,72 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
         encoder = RowEncoder(meta, preset.dtype)
     else:
         # Check the head before anything is written: a store whose logits cannot be trusted is worse than none.
-        first = _forward(
-            loaded, taps, packed.tokens[: plan["batch_size"]], layers, cfg.topk, keep_logits=True
+        meta.head.check_max_abs_error = _check_head(
+            loaded, taps, unembed, packed.tokens[: plan["batch_size"]]
         )
-        first.wait()
-        meta.head.check_max_abs_error = _check_head(loaded, unembed, first.final, first.logits)
-        del first
         writer = StoreWriter.create(cfg.out, meta, preset, packed.tokens, head_arrays, existing=writer)
 
-    return _run(cfg, loaded, taps, packed, writer, encoder, layers, start)
+    return _run(cfg, loaded, taps, unembed, packed, writer, encoder, layers, start)
 
 
 def _d_model(loaded: LoadedModel) -> int:
     return int(loaded.provenance["d_model"])
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _final_distribution(
+    unembed: Unembed, final: torch.Tensor, topk: int, keep_logits: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """log-sum-exp, top-k (ids, log-probs) and optionally logits, a few hundred tokens at a time.
+
+    Chunking keeps each logits block in cache and never materialises batch × vocab floats.
+    """
+    flat = final.reshape(-1, final.shape[-1])
+    lse, ids, lps, logits = [], [], [], []
+    for start in range(0, flat.shape[0], LOGIT_CHUNK_TOKENS):
+        block = unembed(flat[start : start + LOGIT_CHUNK_TOKENS])
+        block_lse = torch.logsumexp(block, dim=-1)
+        lse.append(block_lse)
+        if topk:
+            values, indices = block.topk(min(topk, block.shape[-1]), dim=-1)
+            ids.append(indices.int())
+            lps.append(values - block_lse.unsqueeze(-1))
+        if keep_logits:
+            logits.append(block)
+    shape = final.shape[:-1]
+    top = (torch.cat(ids).reshape(*shape, -1), torch.cat(lps).reshape(*shape, -1)) if topk else None
+    full = torch.cat(logits).reshape(*shape, -1) if keep_logits else None
+    return torch.cat(lse).reshape(shape), top, full
+
+
 def _forward(
-    loaded: LoadedModel, taps, tokens: np.ndarray, layers: list[int], topk: int, *, keep_logits: bool
+    loaded: LoadedModel,
+    taps,
+    unembed: Unembed,
+    tokens: np.ndarray,
+    layers: list[int],
+    topk: int,
+    *,
+    keep_logits: bool,
 ) -> BatchOutput:
     ids = torch.from_numpy(tokens.astype(np.int64)).to(loaded.device)
+    # The model's own logits are not needed (the head recomputes them exactly): ask for the last position only.
+    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(loaded.model) else {}
     with torch.inference_mode(), ResidualRecorder(taps, layers) as rec:
-        out = loaded.model(input_ids=ids, use_cache=False)
-        logits = out.logits.float()
-        lse = torch.logsumexp(logits, dim=-1)
-        if topk:
-            values, indices = logits.topk(min(topk, logits.shape[-1]), dim=-1)
-            top = (indices.int(), values - lse.unsqueeze(-1))
-        else:
-            top = None
-        return to_host(rec.states, rec.final, lse, top, logits if keep_logits else None)
+        loaded.model(input_ids=ids, use_cache=False, **kwargs)
+        lse, top, logits = _final_distribution(unembed, rec.final, topk, keep_logits)
+        return to_host(rec.states, rec.final, lse, top, logits)
 
 
 def _run(
-    cfg, loaded, taps, packed, writer: StoreWriter, encoder: RowEncoder, layers, start: int
+    cfg, loaded, taps, unembed, packed, writer: StoreWriter, encoder: RowEncoder, layers, start: int
 ) -> BuildSummary:
     meta = writer.meta
+    # only the rows count towards throughput and compression (not the head and tokens written up front)
+    written_before = writer.counter.bytes_written
     n_seq, s, batch = meta.n_sequences, meta.build.seqs_per_chunk, meta.build.batch_size
     work: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
@@ -291,6 +327,7 @@ def _run(
                     _forward(
                         loaded,
                         taps,
+                        unembed,
                         packed.tokens[b0:b1],
                         layers,
                         meta.final["topk"],
@@ -299,7 +336,14 @@ def _run(
                 )
                 if bar is not None:
                     bar.update(b1 - b0)
-                    _postfix(bar, built + b1 - row_start, meta.seq_len, t0, writer, raw_bytes[0])
+                    _postfix(
+                        bar,
+                        built + b1 - row_start,
+                        meta.seq_len,
+                        t0,
+                        writer.counter.bytes_written - written_before,
+                        raw_bytes[0],
+                    )
             if failure:
                 break
             work.put((row_start, batches))
@@ -315,11 +359,20 @@ def _run(
             exc if isinstance(exc, LensCacheError) else StoreError(f"writing {cfg.out} failed: {exc!r}")
         ) from exc
     seconds = time.perf_counter() - t0
-    return _summary(cfg, writer, n_seq, built * meta.seq_len, seconds, raw_bytes[0], start)
+    return _summary(
+        cfg,
+        writer,
+        n_seq,
+        built * meta.seq_len,
+        seconds,
+        writer.counter.bytes_written - written_before,
+        raw_bytes[0],
+        start,
+    )
 
 
 def _summary(
-    cfg, writer: StoreWriter, n_seq: int, tokens: int, seconds: float, raw: int, start: int
+    cfg, writer: StoreWriter, n_seq: int, tokens: int, seconds: float, written: int, raw: int, start: int
 ) -> BuildSummary:
     return BuildSummary(
         url=str(cfg.out),
@@ -327,7 +380,7 @@ def _summary(
         n_tokens=n_seq * writer.meta.seq_len,
         tokens_built=tokens,
         seconds=seconds,
-        bytes_written=writer.counter.bytes_written,
+        bytes_written=written,
         raw_bytes=raw,
         head_max_abs_error=writer.meta.head.check_max_abs_error,
         resumed_from=start,
@@ -342,9 +395,8 @@ def _progress(cfg: BuildConfig, total: int, initial: int, seq_len: int) -> Any:
     return tqdm(total=total, initial=initial, unit="seq", desc="lenscache build", dynamic_ncols=True)
 
 
-def _postfix(bar, seqs_done: int, seq_len: int, t0: float, writer: StoreWriter, raw: int) -> None:
+def _postfix(bar, seqs_done: int, seq_len: int, t0: float, written: int, raw: int) -> None:
     elapsed = max(1e-9, time.perf_counter() - t0)
-    written = writer.counter.bytes_written
     bar.set_postfix(
         tok_s=f"{seqs_done * seq_len / elapsed:,.0f}",
         written=f"{written / 2**20:,.1f}MiB",

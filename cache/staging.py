@@ -23,6 +23,8 @@ from lenscache.schema import (
 )
 
 _copy_stream: torch.cuda.Stream | None = None
+# the smallest magnitude that rounds to inf in float16 (65504 is the largest finite value)
+FLOAT16_OVERFLOW = 65520.0
 
 
 @dataclass
@@ -94,23 +96,22 @@ class RowEncoder:
         self.final_index = meta.layers.index(meta.n_layers) if meta.n_layers in meta.layers else None
 
     def _checked(self, x: torch.Tensor, boundary: int | str, row_start: int) -> np.ndarray:
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            seq, pos = _first_bad(~finite)
-            raise DataError(
-                f"the model produced a non-finite activation at layer {boundary}, sequence {row_start + seq}, "
-                f"position {pos}; the store is left with the rows committed before it"
-            )
-        encoded = encode(x, self.dtype)
-        if self.dtype == "float16":
-            overflow = ~np.isfinite(encoded)
-            if overflow.any():
-                seq, pos = (int(i) for i in np.argwhere(overflow)[0][:2])
+        # One reduction finds any NaN/inf (they propagate through a sum); locate only on failure.
+        if not torch.isfinite(x.sum(dtype=torch.float64)):
+            bad = ~torch.isfinite(x)
+            if bool(bad.any()):
+                seq, pos = _first_bad(bad)
                 raise DataError(
-                    f"float16 overflow at layer {boundary}, sequence {row_start + seq}, position {pos} "
-                    f"(|value| > 65504); use --codec bf16-zstd, which has float32's range"
+                    f"the model produced a non-finite activation at layer {boundary}, sequence {row_start + seq}, "
+                    f"position {pos}; the store is left with the rows committed before it"
                 )
-        return encoded
+        if self.dtype == "float16" and x.abs().max().item() >= FLOAT16_OVERFLOW:
+            seq, pos = _first_bad(x.abs() >= FLOAT16_OVERFLOW)
+            raise DataError(
+                f"float16 overflow at layer {boundary}, sequence {row_start + seq}, position {pos} "
+                f"(|value| > 65504); use --codec bf16-zstd, which has float32's range"
+            )
+        return encode(x, self.dtype)
 
     def encode_row(self, row_start: int, batches: list[BatchOutput]) -> dict[str, np.ndarray]:
         for b in batches:
