@@ -15,6 +15,7 @@ import re
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,8 @@ _JSONL_SUFFIXES = (".jsonl", ".json")
 _PARQUET_SUFFIXES = (".parquet",)
 _HF_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _ROWS_PER_BATCH = 256  # rows read at once from Parquet and datasets
-_DOCS_PER_CALL = 256  # documents per call to the tokenizer
-_CHARS_PER_CALL = 1 << 22  # ... unless they are this long: bounds memory and overshoot past max_tokens
+_DOCS_PER_CALL = 256  # the most documents per call to the tokenizer
+_CHARS_PER_CALL = 1 << 22  # ... or fewer when they are this long, to bound memory
 _REENCODE_HINT = "re-encode it as UTF-8, e.g. `iconv -f LATIN1 -t UTF-8 in.txt > out.txt`"
 
 
@@ -57,7 +58,9 @@ class DataSpec:
 def iter_documents(spec: DataSpec) -> Iterator[str]:
     """Yield the non-blank documents of `spec.source` lazily, in a deterministic order.
 
-    Raises DataError when the source is missing, unreadable, malformed, or holds no documents.
+    `doc_regex` splits plain text files (in a directory: its plain text files) and is refused for a
+    structured source. Raises DataError when the source is missing, unreadable, malformed, or holds
+    no documents.
     """
     doc_regex = _compile_doc_regex(spec.doc_regex)
     n = 0
@@ -66,7 +69,7 @@ def iter_documents(spec: DataSpec) -> Iterator[str]:
             n += 1
             yield doc
     if n == 0:
-        raise DataError(f"no documents in {spec.source} (every document is empty or whitespace)")
+        raise DataError(f"no documents in {spec.source} (no non-blank text)")
 
 
 def _compile_doc_regex(pattern: str | None) -> re.Pattern[str] | None:
@@ -336,7 +339,9 @@ def pack_tokens(
     body = seq_len - 1 if bos is not None else seq_len
     wanted = None if max_tokens is None else (max_tokens // seq_len) * body
 
-    stream, doc_starts = _token_stream(iter_documents(spec), tokenizer, sep, wanted)
+    # Closing the documents as soon as enough tokens exist releases open files and dataset streams.
+    with closing(iter_documents(spec)) as docs:
+        stream, doc_starts = _token_stream(docs, tokenizer, sep, wanted)
     n_sequences = len(stream) // body
     if wanted is not None:
         n_sequences = min(n_sequences, wanted // body)
@@ -413,31 +418,26 @@ def _token_stream(
     chunks: list[np.ndarray] = []
     doc_starts = array("q")
     length = 0
-    try:
-        for batch in _batches(docs):
-            encoded = tokenizer(
-                batch,
-                add_special_tokens=False,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-                verbose=False,  # long documents are fine: they are cut, not fed to the model whole
-            )["input_ids"]
-            flat: list[int] = []
-            for ids in encoded:
-                if not ids:
-                    continue
-                if sep is not None and (length or flat):
-                    flat.append(sep)
-                doc_starts.append(length + len(flat))
-                flat.extend(ids)
-            chunks.append(np.asarray(flat, dtype=np.int32))
-            length += len(flat)
-            if wanted is not None and length >= wanted:
-                break
-    finally:
-        # Closing the generator early releases open files and dataset streams at once.
-        if hasattr(docs, "close"):
-            docs.close()
+    for batch in _batches(docs):
+        encoded = tokenizer(
+            batch,
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,  # long documents are fine: they are cut, not fed to the model whole
+        )["input_ids"]
+        flat: list[int] = []
+        for ids in encoded:
+            if not ids:
+                continue
+            if sep is not None and (length or flat):
+                flat.append(sep)
+            doc_starts.append(length + len(flat))
+            flat.extend(ids)
+        chunks.append(np.asarray(flat, dtype=np.int32))
+        length += len(flat)
+        if wanted is not None and length >= wanted:
+            break
     stream = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int32)
     return stream, doc_starts
 
