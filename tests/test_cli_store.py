@@ -143,6 +143,8 @@ def test_cli_errors_are_clear_and_nonzero(tmp_path, llama_dir):
         str(tmp_path / "missing.txt"),
         "--out",
         str(tmp_path / "o"),
+        "--seq-len",
+        "16",
     )
     assert r.returncode == 2 and "missing.txt" in r.stderr
     assert not (tmp_path / "o").exists()
