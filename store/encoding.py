@@ -30,7 +30,7 @@ class CodecPreset:
     name: str
     dtype: str
     description: str
-    clevel: int = 3
+    clevel: int = 1
 
     def compressors(self, itemsize: int) -> list[Any]:
         return compressors(itemsize, self.clevel)
@@ -58,10 +58,19 @@ def get_preset(name: str) -> CodecPreset:
         raise StoreError(f"unknown codec preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
-def compressors(itemsize: int, clevel: int = 3) -> list[Any]:
+# Measured on SmolLM2 bf16 residuals, one core: blosc's default blocks (tens of KiB) give 1.26x;
+# 1 MiB blocks give 1.44x at ~370 MB/s encode and ~860 MB/s decode. Level 3 gains nothing on the
+# random low mantissa byte and encodes ~4x slower.
+BLOSC_BLOCKSIZE = 1 << 20
+
+
+def compressors(itemsize: int, clevel: int = 1) -> list[Any]:
     """Byte-shuffled zstd through blosc (multi-threaded, releases the GIL), then a crc32c checksum."""
     shuffle = BloscShuffle.shuffle if itemsize > 1 else BloscShuffle.noshuffle
-    return [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle, typesize=itemsize), Crc32cCodec()]
+    blosc = BloscCodec(
+        cname="zstd", clevel=clevel, shuffle=shuffle, typesize=itemsize, blocksize=BLOSC_BLOCKSIZE
+    )
+    return [blosc, Crc32cCodec()]
 
 
 SERIALIZER = BytesCodec(endian="little")

@@ -241,3 +241,29 @@ def test_sigkill_mid_build_then_resume_equals_clean_build(llama_dir, text_file, 
     assert set(a.arrays) == set(b.arrays)
     for name in a.arrays:
         np.testing.assert_array_equal(a.arrays[name][...], b.arrays[name][...], err_msg=name)
+
+
+@pytest.mark.slow
+def test_real_model_store_is_exact(smollm2_dir, wikitext_path, tmp_path):
+    """SmolLM2-135M on WikiText: a verified store whose layers and final distribution match the model."""
+    out = tmp_path / "smol.zarr"
+    cfg = BuildConfig(
+        out=str(out),
+        model=ModelSpec("default"),
+        data=DataSpec(str(wikitext_path), doc_regex=r"^ = [^=]"),
+        seq_len=128,
+        max_tokens=256,
+        progress=False,
+    )
+    summary = build_store(cfg)
+    assert summary.head_max_abs_error == 0.0
+    assert verify_store(out).ok
+    store = open_store(out)
+    assert store.meta.n_layers == 30 and store.d_model == 576 and store.meta.vocab_size == 49152
+    assert store.meta.model["source"] == "default"
+    hidden, logprobs = reference(smollm2_dir, store.tokens())
+    for boundary in (0, 12, 29):
+        np.testing.assert_allclose(store.resid(boundary), hidden[boundary].numpy(), rtol=8e-3, atol=1e-3)
+    # the massive middle-layer activations (~2e4) survive bfloat16 storage
+    assert np.abs(store.resid(15)).max() > 1e4
+    assert (store.final_logprobs() - logprobs).abs().max().item() < 1e-4

@@ -74,7 +74,7 @@ def run_child(tokens: int, seq_len: int, out: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=8192, help="tokens for the throughput comparison (N)")
+    ap.add_argument("--tokens", type=int, default=32768, help="tokens for the throughput comparison (N)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rss-tokens", type=int, default=4096, help="N for the memory comparison (N vs 4N)")
     ap.add_argument("--out", default="bench-results/build.json")
