@@ -189,11 +189,9 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
     head_spec, head_arrays = extract_head(taps)
     unembed = Unembed(head_spec, head_arrays)
 
-    if state == "store" and cfg.overwrite and not cfg.resume:
-        location.remove(cfg.out)
-        state = "absent"
+    replace = state == "store" and cfg.overwrite and not cfg.resume
     writer: StoreWriter | None = None
-    if state == "store":
+    if state == "store" and not replace:
         writer = _open_for_resume(cfg, identity)
         if writer.meta.build.status == "complete":
             return _summary(cfg, writer, n_seq, 0, 0.0, 0, 0, writer.meta.build.committed)
@@ -219,19 +217,18 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
         head=head_spec,
         build=BuildState(identity=identity, started=utcnow(), **plan),
     )
-    encoder = RowEncoder(meta, preset.dtype)
     start = 0
     if writer is not None and writer.meta.build.status == "building":
         start = writer.meta.build.committed
-        meta = writer.meta
-        encoder = RowEncoder(meta, preset.dtype)
     else:
-        # Check the head before anything is written: a store whose logits cannot be trusted is worse than none.
-        # One sequence is enough to compare every vocabulary entry, and keeps peak memory low.
+        # Check the head before anything is written (or an old store replaced): a store whose
+        # logits cannot be trusted is worse than none. One sequence covers every vocabulary entry.
         meta.head.check_max_abs_error = _check_head(loaded, taps, unembed, packed.tokens[:1])
+        if replace:
+            location.remove(cfg.out)
         writer = StoreWriter.create(cfg.out, meta, preset, packed.tokens, head_arrays, existing=writer)
 
-    return _run(cfg, loaded, taps, packed, writer, encoder, layers, start)
+    return _run(cfg, loaded, taps, packed, writer, RowEncoder(writer.meta, preset.dtype), layers, start)
 
 
 def _d_model(loaded: LoadedModel) -> int:

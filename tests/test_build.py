@@ -175,15 +175,22 @@ def test_head_that_does_not_reproduce_logits_is_refused(llama_dir, text_file, tm
 
     real = build_mod.extract_head
 
-    def wrong_eps(taps):
+    def wrong_norm(taps):
         spec, arrays = real(taps)
         arrays["norm_weight"] = arrays["norm_weight"] * 1.5
         return spec, arrays
 
-    monkeypatch.setattr(build_mod, "extract_head", wrong_eps)
+    previous = tmp_path / "previous.zarr"
+    build_store(config(llama_dir, text_file, previous))
+    before = open_store(previous).tokens()
+    monkeypatch.setattr(build_mod, "extract_head", wrong_norm)
     with pytest.raises(ModelError, match="does not reproduce the model's logits"):
         build_store(config(llama_dir, text_file, tmp_path / "h.zarr"))
     assert not (tmp_path / "h.zarr").exists(), "nothing is written before the head check passes"
+    with pytest.raises(ModelError, match="does not reproduce"):
+        build_store(config(llama_dir, text_file, previous, overwrite=True))
+    assert verify_store(previous).ok, "a refused --overwrite leaves the old store intact"
+    np.testing.assert_array_equal(open_store(previous).tokens(), before)
 
 
 def test_seq_len_beyond_context_and_bad_layers(llama_dir, text_file, tmp_path):
