@@ -82,6 +82,10 @@ def _check_head(loaded: LoadedModel, taps, unembed: Unembed, tokens: np.ndarray)
     with torch.inference_mode(), ResidualRecorder(taps, []) as rec:
         logits = loaded.model(input_ids=ids, use_cache=False).logits.float()
         recomputed = unembed.to(loaded.device)(rec.final)
+    if not bool(torch.isfinite(logits).all()):
+        raise ModelError(
+            "the model produced non-finite (NaN/inf) logits on the first sequence; check its weights"
+        )
     err = (recomputed - logits).abs().max().item()
     scale = max(1.0, logits.abs().max().item())
     # fp32 forward passes agree to rounding; 16-bit ones round the model's own logits

@@ -274,3 +274,40 @@ def test_real_model_store_is_exact(smollm2_dir, wikitext_path, tmp_path):
     # the massive middle-layer activations (~2e4) survive bfloat16 storage
     assert np.abs(store.resid(15)).max() > 1e4
     assert (store.final_logprobs() - logprobs).abs().max().item() < 1e-4
+
+
+def test_unsupported_architecture_names_what_is_missing():
+    from lenscache.cache.arch import find_taps
+
+    class NoBlocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ModelError, match=r"unsupported architecture NoBlocks: no list of transformer blocks"):
+        find_taps(NoBlocks())
+
+    class NoHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ModelError, match="no linear output head"):
+        find_taps(NoHead())
+
+
+def test_non_finite_activations_are_refused(llama_dir, text_file, tmp_path):
+    broken = tmp_path / "nan-model"
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    for f in llama_dir.glob("tokenizer*"):
+        (broken / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ModelError, match=r"non-finite \(NaN/inf\) logits"):
+        build_store(config(broken, text_file, tmp_path / "n.zarr"))
+    assert not (tmp_path / "n.zarr").exists()
