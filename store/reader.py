@@ -178,6 +178,17 @@ class Store:
             return self.final_resid(seqs)
         return self._decoded(RESID, (self.layer_index(layer), self._seqs(seqs)))
 
+    @property
+    def storage_dtype(self) -> str:
+        """Logical dtype of `resid` (bfloat16 | float16 | float32)."""
+        arr = self.arrays[RESID]
+        return logical_dtype(dict(arr.attrs), arr.dtype)
+
+    def resid_raw(self, layer: int, seqs: Seqs | None = None) -> np.ndarray:
+        """The stored carrier of boundary `layer` (see `storage_dtype`), undecoded: half the bytes of
+        `resid` for bfloat16, for readers that buffer data and decode only what they use."""
+        return self._read(RESID, (self.layer_index(layer), self._seqs(seqs)))
+
     def final_resid(self, seqs: Seqs | None = None) -> np.ndarray:
         """The last block's output before the final norm, exactly as the model computed it."""
         sel = self._seqs(seqs)
