@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lenscache.fit.lens import Lens
-from lenscache.fit.losses import kl_to_final, layer_groups, next_token_ce
+from lenscache.fit.losses import FinalDist, entropy, layer_groups, log_probs, next_token_ce
 from lenscache.fit.stream import IGNORE_INDEX, ResidualStream, StreamSpec
 from lenscache.reader import Store
 
@@ -96,17 +96,14 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
-def _accumulate(acc: LayerMetrics, final_logp: torch.Tensor, logits: torch.Tensor, nxt: torch.Tensor) -> None:
-    """Add one minibatch of (B, V) lens logits to the sums."""
-    logp = torch.log_softmax(logits.float(), -1)
-    acc.kl += float(kl_to_final(final_logp, logits).double().sum())
-    ce = next_token_ce(logits, nxt)
-    valid = nxt != IGNORE_INDEX
-    acc.ce += float(ce[..., valid].double().sum())
-    acc.n_ce += int(valid.sum())
-    acc.entropy += float(-(logp.exp() * logp).sum(-1).double().sum())
-    acc.top1 += float((logits.argmax(-1) == final_logp.argmax(-1)).double().sum())
-    acc.n += logits.shape[0]
+def _accumulate(acc: LayerMetrics, final: FinalDist, logp: torch.Tensor, nxt: torch.Tensor) -> None:
+    """Add one minibatch of (B, V) lens log-probs to the sums."""
+    acc.kl += float(final.kl(logp).double().sum())
+    acc.ce += float(next_token_ce(logp, nxt).double().sum())
+    acc.n_ce += int((nxt != IGNORE_INDEX).sum())
+    acc.entropy += float(entropy(logp).double().sum())
+    acc.top1 += float((logp.argmax(-1) == final.argmax).double().sum())
+    acc.n += logp.shape[0]
 
 
 def count_bytes(store: Store, seqs: range, tokenizer: Any) -> int:
@@ -160,15 +157,14 @@ def evaluate(
         for batch in stream:
             resid = batch.resid.to(dev)
             nxt = batch.next_tokens.to(dev)
-            final_logits = unembed(batch.final.to(dev))
-            final_logp = torch.log_softmax(final_logits, -1)
-            _accumulate(model_acc, final_logp, final_logits, nxt)
+            final = FinalDist.from_logp(unembed.log_probs(batch.final.to(dev)))
+            _accumulate(model_acc, final, final.logp, nxt)
             for g in groups:
                 for name in names:
                     h = resid[g] if name == "logit" else lenses[name].translate_all(resid[g], layers[g])
-                    logits = unembed(h)
+                    logp = log_probs(unembed(h))
                     for j, i in enumerate(range(*g.indices(len(layers)))):
-                        _accumulate(acc[name][i], final_logp, logits[j], nxt)
+                        _accumulate(acc[name][i], final, logp[j], nxt)
             n_tokens += batch.n_tokens
             n_pred += int((nxt != IGNORE_INDEX).sum())
             bar.update()

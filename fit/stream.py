@@ -81,6 +81,7 @@ class StreamSpec:
     with_final: bool = True  # also the exact last boundary (the target of lenses)
     workers: int = 2  # Dask threads per block read
     held_out_fraction: float = 0.1
+    max_sequences: int | None = None  # use only the first n sequences of the split
     skip_batches: int = 0  # resume: minibatches already consumed (read, not yielded)
 
     def __post_init__(self) -> None:
@@ -212,6 +213,8 @@ class ResidualStream:
             raise LensCacheError("no layers to stream: the store holds only the last boundary")
         self.split = split_sequences(store.n_sequences, spec.held_out_fraction)
         self.seqs = self.split.get(spec.split)
+        if spec.max_sequences is not None:
+            self.seqs = self.seqs[: spec.max_sequences]
         if len(self.seqs) == 0:
             raise LensCacheError(
                 f"the {spec.split} split of {store.url} is empty ({store.n_sequences} committed sequences)"

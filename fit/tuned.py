@@ -32,7 +32,7 @@ from lenscache.errors import LensCacheError
 from lenscache.reader import Store
 
 from .lens import Lens
-from .losses import kl_to_final, layer_groups, next_token_ce
+from .losses import FinalDist, layer_groups, log_probs, next_token_ce
 from .stream import ResidualStream, StreamSpec
 
 CHECKPOINT_DIR = "checkpoint"
@@ -155,13 +155,14 @@ def fit_tuned(
         opt.zero_grad(set_to_none=True)
         resid = batch.resid.to(device)
         with torch.no_grad():
-            target = unembed.log_probs(batch.final.to(device)) if cfg.loss == "kl" else None
+            target = FinalDist.from_logp(unembed.log_probs(batch.final.to(device))) if cfg.loss == "kl" else None
         nxt = batch.next_tokens.to(device)
         for g in groups:
             with autocast:
                 h = lens.translate_all(resid[g], layers[g])
                 logits = unembed(h)
-            per_token = kl_to_final(target, logits) if cfg.loss == "kl" else next_token_ce(logits, nxt)
+            logp = log_probs(logits)
+            per_token = target.kl(logp) if cfg.loss == "kl" else next_token_ce(logp, nxt)
             if cfg.loss == "ce":
                 loss = per_token.sum(-1) / (nxt != -100).sum().clamp(min=1)
             else:

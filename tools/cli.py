@@ -190,6 +190,208 @@ def verify(store: str, as_json: bool) -> None:
     sys.exit(0 if report.ok else 1)
 
 
+def _check_lens_out(out: str, overwrite: bool, resume: bool) -> None:
+    from pathlib import Path
+
+    from lenscache.fit.lens import CONFIG_FILE
+
+    where = Path(out)
+    if where.exists() and not where.is_dir():
+        raise click.UsageError(f"--out {out} exists and is not a directory; nothing was written")
+    if (where / CONFIG_FILE).exists() and not (overwrite or resume):
+        raise click.UsageError(f"--out {out} already holds a lens; pass --overwrite to replace it")
+    if where.is_dir() and any(where.iterdir()) and not (where / CONFIG_FILE).exists() and not resume:
+        if not (where / "checkpoint").exists():
+            raise click.UsageError(f"--out {out} exists, is not empty and holds no lens; nothing was written")
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--out", required=True, help="Lens directory to write (lens.safetensors + lens.json).")
+@click.option(
+    "--lens",
+    "kind",
+    default="tuned",
+    show_default=True,
+    type=click.Choice(["tuned", "affine", "logit"]),
+    help="tuned: KL-trained (Belrose et al.); affine: closed-form least squares; logit: no fit.",
+)
+@click.option(
+    "--init",
+    default="identity",
+    show_default=True,
+    type=click.Choice(["identity", "affine"]),
+    help="Start a tuned lens from the identity (the paper) or from the closed-form affine lens.",
+)
+@click.option("--layers", default=None, help="Boundaries to fit (default: all but the last).")
+@click.option("--max-tokens", default=None, type=int, help="Train on at most this many tokens.")
+@click.option("--epochs", default=1, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-tokens", default=512, show_default=True, type=int, help="Tokens per SGD step.")
+@click.option("--buffer-tokens", default=16384, show_default=True, type=int, help="Shuffle buffer (memory bound).")
+@click.option("--lr", default=1.0, show_default=True, type=float, help="Effective learning rate (tuned).")
+@click.option("--weight-decay", default=1e-3, show_default=True, type=float)
+@click.option("--loss", default="kl", show_default=True, type=click.Choice(["kl", "ce"]))
+@click.option("--ridge", default=None, type=float, help="Affine: fixed relative ridge (default: chosen per layer).")
+@click.option("--checkpoint-every", default=50, show_default=True, type=int, help="Steps between checkpoints.")
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
+@click.option("--resume", is_flag=True, help="Continue a killed fit from its last checkpoint in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace a lens already in --out.")
+@click.option("--no-progress", is_flag=True)
+def fit(store: str, out: str, kind: str, init: str, **kw) -> None:
+    """Fit a lens from STORE alone (no model): streamed out of core with Dask."""
+    from lenscache.fit.affine import fit_affine
+    from lenscache.fit.lens import Lens
+    from lenscache.fit.stream import StreamSpec
+    from lenscache.fit.tuned import TunedConfig, fit_tuned
+    from lenscache.reader import open_store
+
+    _check_lens_out(out, kw["overwrite"], kw["resume"])
+    st = open_store(store)
+    layers = parse_layers(kw["layers"])
+    if kind == "logit":
+        layers = layers or [b for b in st.layers if b != st.meta.n_layers]
+        lens = Lens.identity(st, layers, kind="logit", method="logit")
+    elif kind == "affine":
+        lens = fit_affine(st, layers, ridge=kw["ridge"])
+    else:
+        start = fit_affine(st, layers, ridge=kw["ridge"]) if init == "affine" else None
+        spec = StreamSpec(
+            layers=layers,
+            batch_tokens=kw["batch_tokens"],
+            buffer_tokens=kw["buffer_tokens"],
+            seed=kw["seed"],
+            epochs=kw["epochs"],
+            max_tokens=kw["max_tokens"],
+        )
+        cfg = TunedConfig(
+            lr=kw["lr"],
+            weight_decay=kw["weight_decay"],
+            loss=kw["loss"],
+            checkpoint_every=kw["checkpoint_every"],
+            device=kw["device"],
+        )
+        lens = fit_tuned(st, out, spec, cfg, init=start, resume=kw["resume"], progress=not kw["no_progress"])
+    if kind != "tuned":  # fit_tuned saves its own lens (and removes its checkpoint)
+        lens.save(out)
+    info = lens.config.fit
+    click.echo(
+        f"wrote {kind} lens for {len(lens.layers)} layers to {out}"
+        + (f" ({info['tokens']:,} tokens" if "tokens" in info else " (")
+        + (f", {info['seconds']:.1f} s)" if "seconds" in info else ")")
+    )
+
+
+def _lens_args(items: tuple[str, ...]) -> dict[str, str]:
+    """'DIR' or 'NAME=DIR' -> {name: dir}."""
+    from pathlib import Path
+
+    named: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item.rstrip("/")).name, item
+        if name in named or name == "logit":
+            raise click.BadParameter(f"lens name {name!r} is used twice; name them NAME=DIR")
+        named[name] = path
+    return named
+
+
+@cli.command(name="eval")
+@click.argument("store")
+@click.option("--lens", "lens_dirs", multiple=True, help="Lens directory, or NAME=DIR; repeatable.")
+@click.option("--out", required=True, help="Report directory: metrics.json, metrics.md, metrics.png.")
+@click.option("--split", default="held_out", show_default=True, type=click.Choice(["held_out", "train", "all"]))
+@click.option("--layers", default=None, help="Boundaries to evaluate (default: all but the last).")
+@click.option("--max-tokens", default=None, type=int, help="Evaluate on at most this many tokens.")
+@click.option("--batch-tokens", default=256, show_default=True, type=int)
+@click.option(
+    "--tokenizer",
+    default="auto",
+    show_default=True,
+    help="For bits per byte: a tokenizer path or id; 'auto' tries the store's model; 'none' skips.",
+)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--no-plot", is_flag=True)
+@click.option("--no-progress", is_flag=True)
+def evaluate_cmd(store: str, lens_dirs: tuple[str, ...], out: str, **kw) -> None:
+    """Per-layer KL, cross-entropy, entropy and top-1 agreement of the logit lens and each --lens."""
+    from lenscache.analysis.evaluate import evaluate
+    from lenscache.analysis.report import table, write_report
+    from lenscache.fit.lens import Lens
+    from lenscache.reader import open_store
+
+    st = open_store(store)
+    lenses = {name: Lens.load(path) for name, path in _lens_args(lens_dirs).items()}
+    report = evaluate(
+        st,
+        lenses,
+        layers=parse_layers(kw["layers"]),
+        split=kw["split"],
+        max_tokens=kw["max_tokens"],
+        batch_tokens=kw["batch_tokens"],
+        tokenizer=_tokenizer(st, kw["tokenizer"]),
+        device=kw["device"],
+        progress=not kw["no_progress"],
+    )
+    write_report(report, out, with_plot=not kw["no_plot"])
+    click.echo(table(report, "kl"))
+    click.echo(f"KL in nats per token; full report in {out}/metrics.md")
+
+
+def _tokenizer(st, choice: str):
+    """The tokenizer for counting bytes, or None (with a note) when it cannot be had offline."""
+    if choice == "none":
+        return None
+    from transformers import AutoTokenizer
+
+    if choice != "auto":
+        return AutoTokenizer.from_pretrained(choice)
+    model = st.meta.model
+    candidates = [model.get("tokenizer", {}).get("name"), model.get("source"), model.get("id")]
+    if model.get("source") == "default":
+        from lenscache.cache.model import default_model_dir
+
+        candidates.insert(0, str(default_model_dir()))
+    for name in candidates:
+        if not name:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except Exception:
+            continue
+    click.echo("note: the store's tokenizer is not available here; bits per byte are omitted", err=True)
+    return None
+
+
+@cli.group()
+def lens() -> None:
+    """Move lenses between lenscache and the tuned-lens library's format."""
+
+
+@lens.command(name="export")
+@click.argument("lens_dir")
+@click.option("--to", "to", required=True, help="Directory to write config.json + params.pt into.")
+def lens_export(lens_dir: str, to: str) -> None:
+    """Write LENS_DIR in the tuned-lens format."""
+    from lenscache.fit.lens import Lens
+    from lenscache.fit.tuned_lens_format import export_tuned_lens
+
+    click.echo(f"wrote {export_tuned_lens(Lens.load(lens_dir), to)}")
+
+
+@lens.command(name="import")
+@click.argument("tuned_lens_dir")
+@click.option("--store", required=True, help="A store of the lens's model (its identity is checked).")
+@click.option("--out", required=True, help="lenscache lens directory to write.")
+def lens_import(tuned_lens_dir: str, store: str, out: str) -> None:
+    """Read a tuned-lens directory (config.json + params.pt) as a lenscache lens."""
+    from lenscache.fit.tuned_lens_format import import_tuned_lens
+    from lenscache.reader import open_store
+
+    click.echo(f"wrote {import_tuned_lens(tuned_lens_dir, open_store(store)).save(out)}")
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

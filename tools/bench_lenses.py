@@ -1,0 +1,115 @@
+"""Held-out KL by layer versus fitting wall time: logit lens, closed-form affine lens, the tuned-lens
+recipe from the identity, and the tuned-lens recipe started from the affine lens (K steps).
+
+Every fitted lens sees the same training tokens (the first --train-seqs sequences of the train
+split); all are evaluated on the same held-out tokens. One run, JSON out:
+
+    python -m lenscache.tools.bench_lenses --store STORE --out bench-results/lenses.json \
+        --plot docs/lenses_kl.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lenscache.analysis.evaluate import evaluate, per_layer
+from lenscache.analysis.report import plot
+from lenscache.fit.affine import fit_affine
+from lenscache.fit.stream import StreamSpec
+from lenscache.fit.tuned import TunedConfig, fit_tuned
+from lenscache.reader import open_store
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--train-seqs", type=int, default=32, help="training sequences for every fitted lens")
+    ap.add_argument("--batch-tokens", type=int, default=256, help="tuned-lens SGD minibatch")
+    ap.add_argument("--refine-steps", type=int, default=16, help="K: KL steps after the affine fit")
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench-results/lenses.json")
+    ap.add_argument("--plot", default=None, help="PNG of the evaluation (all four panels)")
+    args = ap.parse_args(argv)
+
+    store = open_store(args.store)
+    seq_len = store.seq_len
+    train_tokens = args.train_seqs * seq_len
+    spec = StreamSpec(batch_tokens=args.batch_tokens, seed=args.seed, max_sequences=args.train_seqs)
+    work = Path(tempfile.mkdtemp(prefix="lenscache-bench-lenses-"))
+    times: dict[str, float] = {"logit": 0.0}
+
+    t = time.perf_counter()
+    affine = fit_affine(store, max_sequences=args.train_seqs)
+    times["affine"] = time.perf_counter() - t
+    print(f"affine: {times['affine']:.1f} s on {affine.config.fit['tokens']:,} tokens", flush=True)
+
+    t = time.perf_counter()
+    refined = fit_tuned(
+        store,
+        work / "refined",
+        StreamSpec(**{**spec.__dict__, "max_tokens": args.refine_steps * args.batch_tokens}),
+        TunedConfig(checkpoint_every=0),
+        init=affine,
+    )
+    times["affine+kl"] = times["affine"] + time.perf_counter() - t
+    print(f"affine + {args.refine_steps} KL steps: {times['affine+kl']:.1f} s", flush=True)
+
+    t = time.perf_counter()
+    tuned = fit_tuned(store, work / "tuned", spec, TunedConfig(checkpoint_every=0))
+    times["tuned"] = time.perf_counter() - t
+    print(f"tuned from identity: {times['tuned']:.1f} s on {train_tokens:,} tokens", flush=True)
+
+    lenses = {"affine": affine, "tuned": tuned, "affine+kl": refined}
+    report = evaluate(store, lenses, max_tokens=args.eval_tokens)
+    kl = {name: per_layer(report, name, "kl") for name in report.lenses}
+    last = store.meta.n_layers - 1
+    but_last = [i for i, layer in enumerate(report.layers) if layer != last]
+    result = {
+        "benchmark": "lenses",
+        "store": str(args.store),
+        "model": store.meta.model.get("id"),
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "train_tokens": train_tokens,
+        "tuned_steps": tuned.config.fit["steps"],
+        "refine_steps": refined.config.fit["steps"],
+        "batch_tokens": args.batch_tokens,
+        "eval_tokens": report.tokens,
+        "fit_seconds": {k: round(v, 2) for k, v in times.items()},
+        "affine_over_tuned_time": round(times["affine"] / times["tuned"], 4),
+        "kl_per_layer": {name: dict(zip(map(str, report.layers), np.round(v, 4).tolist(), strict=True))
+                         for name, v in kl.items()},
+        "mean_kl": {name: round(float(v.mean()), 4) for name, v in kl.items()},
+        "checks": {
+            "tuned_beats_logit_at_every_layer_but_last": bool((kl["tuned"][but_last] < kl["logit"][but_last]).all()),
+            "affine_beats_tuned_at_every_layer": bool((kl["affine"] < kl["tuned"]).all()),
+            "affine_time_at_most_1_20_of_tuned": times["affine"] <= times["tuned"] / 20,
+            "refined_beats_affine_and_tuned_at_every_layer": bool(
+                ((kl["affine+kl"] < kl["affine"]) & (kl["affine+kl"] < kl["tuned"])).all()
+            ),
+        },
+        "refine_loss_history": refined.config.fit["loss_history"],
+        "report": report.to_dict(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot(report, args.plot)
+    print("layer  " + "  ".join(f"{n:>10}" for n in kl))
+    for i, layer in enumerate(report.layers):
+        print(f"{layer:5d}  " + "  ".join(f"{kl[n][i]:10.4f}" for n in kl))
+    print(json.dumps({"fit_seconds": result["fit_seconds"], "affine_over_tuned_time": result["affine_over_tuned_time"],
+                      "checks": result["checks"]}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
