@@ -33,7 +33,7 @@ from lenscache.reader import Store
 
 from .lens import Lens
 from .losses import FinalDist, layer_groups, log_probs, next_token_ce
-from .stream import ResidualStream, StreamSpec
+from .stream import BlockSource, ResidualStream, StreamSpec
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -97,12 +97,16 @@ def fit_tuned(
     init: Lens | None = None,
     resume: bool = False,
     progress: bool = True,
+    source: BlockSource | None = None,
 ) -> Lens:
-    """Fit a tuned lens on the store's train split, save it to `out` and return it."""
+    """Fit a tuned lens on the store's train split, save it to `out` and return it.
+
+    `source` replaces the store as the supplier of blocks (e.g. `MemorySource` for a RAM baseline).
+    """
     spec = spec or StreamSpec()
     cfg = cfg or TunedConfig()
     out = Path(out)
-    stream = ResidualStream(store, spec)
+    stream = ResidualStream(store, spec, source)
     layers = stream.layers
     if init is not None:
         init.check_compatible(store)
@@ -141,7 +145,7 @@ def fit_tuned(
             if f"momentum.{name}" in tensors:
                 opt.state[p]["momentum_buffer"] = tensors[f"momentum.{name}"].to(device)
         step, history = state["step"], state["history"]
-        stream = ResidualStream(store, dataclasses.replace(spec, skip_batches=step))
+        stream = ResidualStream(store, dataclasses.replace(spec, skip_batches=step), source)
 
     groups = layer_groups(len(layers), spec.batch_tokens, store.meta.vocab_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

@@ -60,6 +60,19 @@ def classify(location: str | os.PathLike) -> str:
     return "other"
 
 
+def root_document(location: str | os.PathLike) -> dict:
+    """The root group's zarr.json, parsed (callers have checked that it exists)."""
+    fs, path = _fs(location)
+    with fs.open(f"{path.rstrip('/')}/zarr.json", "rb") as f:
+        return json.loads(f.read())
+
+
+def unsafe_member(name: str) -> bool:
+    """A member path that could resolve outside the store: absolute, '..', or a URL/drive prefix."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith("/") or ":" in name or any(p in ("..", ".") for p in parts)
+
+
 def remove(location: str | os.PathLike) -> None:
     fs, path = _fs(location)
     if fs.exists(path):

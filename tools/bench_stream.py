@@ -1,0 +1,154 @@
+"""Streaming-reader benchmark, one run, JSON out.
+
+1. The same tuned-lens fit (same seed, same minibatches) fed from the Zarr store and fed from the
+   same data preloaded in RAM: throughput ratio (target >= 0.90).
+2. Read throughput of the stream alone, in MB/s of decompressed residuals.
+3. Peak RSS of a full pass over a store and over a store 4x larger (target: within 10%), each in
+   a fresh process.
+4. The fit's achieved FLOP/s as a fraction of a plain matmul's FLOP/s measured in this run; the
+   fit's FLOPs are counted as the unembedding forward plus its input-gradient backward,
+   4 * d_model * vocab per token per layer (the translators' own d_model^2 terms are ignored).
+
+    python -m lenscache.tools.bench_stream --store SMALL --big-store BIG --out bench-results/stream.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lenscache.fit.stream import MemorySource, ResidualStream, StreamSpec
+from lenscache.fit.tuned import TunedConfig, fit_tuned
+from lenscache.reader import open_store
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pass_rss(url: str, buffer_tokens: int, batch_tokens: int) -> dict:
+    """One full pass over the train split (no compute): tokens, seconds, MB/s, peak RSS."""
+    store = open_store(url)
+    spec = StreamSpec(batch_tokens=batch_tokens, buffer_tokens=buffer_tokens)
+    stream = ResidualStream(store, spec)
+    start, n, nbytes = time.perf_counter(), 0, 0
+    for batch in stream:
+        n += batch.n_tokens
+        nbytes += batch.resid.numel() * 4 + batch.final.numel() * 4
+    seconds = time.perf_counter() - start
+    return {
+        "store": url,
+        "sequences": store.n_sequences,
+        "tokens": n,
+        "seconds": round(seconds, 2),
+        "decompressed_MB_per_s": round(nbytes / seconds / 1e6, 1),
+        "peak_rss_MiB": round(_peak_rss_mib(), 1),
+    }
+
+
+def _in_subprocess(url: str, buffer_tokens: int, batch_tokens: int) -> dict:
+    code = (
+        "import json,sys; from lenscache.tools.bench_stream import pass_rss; "
+        f"print(json.dumps(pass_rss({url!r}, {buffer_tokens}, {batch_tokens})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def matmul_flops(d: int, vocab: int, tokens: int, repeats: int = 5) -> float:
+    x, w = torch.randn(tokens, d), torch.randn(vocab, d)
+    x @ w.T
+    start = time.perf_counter()
+    for _ in range(repeats):
+        x @ w.T
+    return 2 * tokens * d * vocab * repeats / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", required=True, help="store for the fit comparison and the small RSS pass")
+    ap.add_argument("--big-store", default=None, help="a store ~4x larger, for the RSS comparison")
+    ap.add_argument("--steps", type=int, default=4, help="tuned-lens steps per fit")
+    ap.add_argument("--batch-tokens", type=int, default=512)
+    ap.add_argument("--buffer-tokens", type=int, default=16384)
+    ap.add_argument("--out", default="bench-results/stream.json")
+    args = ap.parse_args(argv)
+
+    store = open_store(args.store)
+    meta = store.meta
+    result: dict = {
+        "benchmark": "stream",
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "store": args.store,
+        "model": meta.model.get("id"),
+    }
+
+    # 1 + 4: the same fit from the store and from RAM
+    spec = StreamSpec(
+        batch_tokens=args.batch_tokens, buffer_tokens=args.buffer_tokens, max_tokens=args.steps * args.batch_tokens
+    )
+    stream = ResidualStream(store, spec)
+    t = time.perf_counter()
+    memory = MemorySource(store, stream.layers, stream.seqs)
+    preload_s = time.perf_counter() - t
+    timings = {}
+    lenses = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, source in (("zarr", None), ("memory", memory)):
+            t = time.perf_counter()
+            lenses[name] = fit_tuned(
+                store, Path(tmp) / name, spec, TunedConfig(checkpoint_every=0), progress=False, source=source
+            )
+            timings[name] = time.perf_counter() - t
+            print(f"fit fed from {name}: {timings[name]:.1f} s", flush=True)
+    tokens = args.steps * args.batch_tokens
+    n_layers = len(stream.layers)
+    fit_flops = 4 * meta.d_model * meta.vocab_size * n_layers * tokens / timings["zarr"]
+    mm = matmul_flops(meta.d_model, meta.vocab_size, args.batch_tokens)
+    result["fit"] = {
+        "steps": args.steps,
+        "batch_tokens": args.batch_tokens,
+        "layers": n_layers,
+        "seconds_zarr": round(timings["zarr"], 2),
+        "seconds_memory": round(timings["memory"], 2),
+        "preload_seconds": round(preload_s, 2),
+        "throughput_ratio_zarr_over_memory": round(timings["memory"] / timings["zarr"], 4),
+        "same_result": bool(torch.equal(lenses["zarr"].weight, lenses["memory"].weight)),
+        "fit_GFLOP_per_s": round(fit_flops / 1e9, 1),
+        "matmul_GFLOP_per_s": round(mm / 1e9, 1),
+        "fit_fraction_of_matmul": round(fit_flops / mm, 3),
+    }
+    del memory
+
+    # 2 + 3: read throughput and peak RSS, each store in a fresh process
+    small = _in_subprocess(args.store, args.buffer_tokens, args.batch_tokens)
+    result["read"] = small
+    if args.big_store:
+        big = _in_subprocess(args.big_store, args.buffer_tokens, args.batch_tokens)
+        result["rss"] = {
+            "small": small,
+            "big": big,
+            "token_ratio": round(big["tokens"] / small["tokens"], 2),
+            "peak_rss_growth": round(big["peak_rss_MiB"] / small["peak_rss_MiB"] - 1, 4),
+        }
+    result["checks"] = {
+        "streaming_ratio_at_least_0_90": result["fit"]["throughput_ratio_zarr_over_memory"] >= 0.90,
+        "rss_growth_under_10_percent": (abs(result["rss"]["peak_rss_growth"]) < 0.10) if args.big_store else None,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
