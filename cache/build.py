@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from lenscache import __version__, location
-from lenscache.encoding import get_preset
+from lenscache.encoding import CARRIER, CodecPreset, get_preset
 from lenscache.errors import DataError, LensCacheError, ModelError, ResumeMismatch, StoreError
 from lenscache.head import Unembed
-from lenscache.schema import SCHEMA_VERSION, BuildState, StoreMeta, plan_seq_chunks
+from lenscache.schema import QUANT_SCHEMA_VERSION, BuildState, StoreMeta, plan_seq_chunks
 
 from .arch import ResidualRecorder, extract_head, find_taps
 from .model import LoadedModel, ModelSpec, load_model
@@ -107,7 +107,10 @@ def _resolve_layers(requested: list[int] | None, n_layers: int) -> list[int]:
     return sorted(set(requested))
 
 
-def _final_encoding(storage_dtype: str, compute: torch.dtype, layers: list[int], n_layers: int) -> str:
+def _final_encoding(preset: CodecPreset, compute: torch.dtype, layers: list[int], n_layers: int) -> str:
+    if preset.lossy:
+        return "float32"  # the last boundary's exact values must not depend on a lossy encoding
+    storage_dtype = preset.dtype
     exact_in_storage = storage_dtype == "float32" or (
         storage_dtype == "bfloat16" and compute == torch.bfloat16
     )
@@ -186,7 +189,7 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
         )
 
     batch = cfg.batch_size or max(1, DEFAULT_TOKENS_PER_BATCH // cfg.seq_len)
-    item = 4 if preset.dtype == "float32" else 2
+    item = np.dtype(CARRIER[preset.dtype]).itemsize
     s = cfg.seqs_per_chunk or plan_seq_chunks(cfg.seq_len * _d_model(loaded) * item, n_seq, batch)
     plan = {"batch_size": min(batch, s), "seqs_per_chunk": s}
     identity = _identity(loaded, packed, cfg, layers, plan)
@@ -201,7 +204,8 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
             return _summary(cfg, writer, n_seq, 0, 0.0, 0, 0, writer.meta.build.committed)
 
     meta = StoreMeta(
-        schema_version=SCHEMA_VERSION,
+        # stores readable by lenscache 0.x before block-scaled presets keep schema version 1
+        schema_version=QUANT_SCHEMA_VERSION if preset.quant == "block" else 1,
         package_version=__version__,
         created=utcnow(),
         model=loaded.provenance,
@@ -212,9 +216,9 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
         layers=layers,
         d_model=_d_model(loaded),
         vocab_size=vocab,
-        storage={"dtype": preset.dtype, "codec": preset.name, "description": preset.description},
+        storage=preset.storage_meta(),
         final={
-            "encoding": _final_encoding(preset.dtype, loaded.dtype, layers, n_layers),
+            "encoding": _final_encoding(preset, loaded.dtype, layers, n_layers),
             "topk": cfg.topk,
             "full_logits": cfg.full_logits,
         },
@@ -232,7 +236,7 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
             location.remove(cfg.out)
         writer = StoreWriter.create(cfg.out, meta, preset, packed.tokens, head_arrays, existing=writer)
 
-    return _run(cfg, loaded, taps, packed, writer, RowEncoder(writer.meta, preset.dtype), layers, start)
+    return _run(cfg, loaded, taps, packed, writer, RowEncoder(writer.meta, preset), layers, start)
 
 
 def _d_model(loaded: LoadedModel) -> int:

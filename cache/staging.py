@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lenscache.encoding import encode, split_lo16
+from lenscache import quant
+from lenscache.encoding import CodecPreset, encode, split_lo16
 from lenscache.errors import DataError
 from lenscache.schema import (
     FINAL_EXACT,
@@ -17,6 +18,7 @@ from lenscache.schema import (
     LOGITS,
     LOGSUMEXP,
     RESID,
+    RESID_SCALE,
     TOPK_IDS,
     TOPK_LOGPROBS,
     StoreMeta,
@@ -90,12 +92,33 @@ def _first_bad(mask: torch.Tensor) -> tuple[int, int]:
 class RowEncoder:
     """Turns the batches of one row of sequences into the arrays the writer stores."""
 
-    def __init__(self, meta: StoreMeta, storage_dtype: str):
+    def __init__(self, meta: StoreMeta, preset: CodecPreset):
         self.meta = meta
-        self.dtype = storage_dtype
+        self.preset = preset
+        self.dtype = preset.dtype
         self.final_index = meta.layers.index(meta.n_layers) if meta.n_layers in meta.layers else None
 
-    def _checked(self, x: torch.Tensor, boundary: int | str, row_start: int) -> np.ndarray:
+    def _encode_resid(
+        self, x: torch.Tensor, boundary: int, row_start: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One boundary's block -> (resid carrier, block scales or None), refusing what cannot be stored."""
+        p = self.preset
+        if p.quant is None:
+            return self._checked(x, boundary, row_start), None
+        self._check_finite(x, boundary, row_start)
+        if p.quant == "bitround":
+            # rounding up past the largest float32 would give inf; refuse like float16 overflow
+            limit = (2.0 - 2.0 ** -(p.keepbits + 1)) * 2.0**127
+            if x.abs().max().item() >= limit:
+                seq, pos = _first_bad(x.abs() >= limit)
+                raise DataError(
+                    f"overflow at layer {boundary}, sequence {row_start + seq}, position {pos}: rounding "
+                    f"to {p.keepbits} mantissa bits exceeds float32's range; use --codec fp32-zstd"
+                )
+            return quant.bitround(x, p.keepbits), None
+        return quant.block_quantize(x, p.bits, p.block)
+
+    def _check_finite(self, x: torch.Tensor, boundary: int | str, row_start: int) -> None:
         # One reduction finds any NaN/inf (they propagate through a sum); locate only on failure.
         if not torch.isfinite(x.sum(dtype=torch.float64)):
             bad = ~torch.isfinite(x)
@@ -105,6 +128,9 @@ class RowEncoder:
                     f"the model produced a non-finite activation at layer {boundary}, sequence {row_start + seq}, "
                     f"position {pos}; the store is left with the rows committed before it"
                 )
+
+    def _checked(self, x: torch.Tensor, boundary: int | str, row_start: int) -> np.ndarray:
+        self._check_finite(x, boundary, row_start)
         if self.dtype == "float16" and x.abs().max().item() >= FLOAT16_OVERFLOW:
             seq, pos = _first_bad(x.abs() >= FLOAT16_OVERFLOW)
             raise DataError(
@@ -120,13 +146,17 @@ class RowEncoder:
         out: dict[str, np.ndarray] = {}
         n = sum(b.n for b in batches)
         first = batches[0].states[0] if batches[0].states else batches[0].final
-        resid = None
+        resid = scales = None
         for li, boundary in enumerate(meta.layers):
             x = torch.cat([b.states[li] for b in batches]) if len(batches) > 1 else batches[0].states[li]
-            block = self._checked(x, boundary, row_start)
+            block, scale = self._encode_resid(x, boundary, row_start)
             if resid is None:
                 resid = np.empty((len(meta.layers), n, *first.shape[1:]), dtype=block.dtype)
             resid[li] = block
+            if scale is not None:
+                if scales is None:
+                    scales = np.empty((len(meta.layers), *scale.shape), dtype=scale.dtype)
+                scales[li] = scale
         final = torch.cat([b.final for b in batches]) if len(batches) > 1 else batches[0].final
         encoding = meta.final["encoding"]
         if encoding == "lo16":
@@ -134,13 +164,15 @@ class RowEncoder:
             resid[self.final_index] = hi
             out[FINAL_LO] = lo
         elif encoding == "float32":
-            self._checked(final, meta.n_layers, row_start)
+            self._check_finite(final, meta.n_layers, row_start)
             out[FINAL_EXACT] = final.float().numpy()
         out[RESID] = resid
+        if scales is not None:
+            out[RESID_SCALE] = scales
         out[LOGSUMEXP] = torch.cat([b.lse for b in batches]).numpy()
         if meta.final["topk"]:
             out[TOPK_IDS] = torch.cat([b.top_ids for b in batches]).numpy()
             out[TOPK_LOGPROBS] = torch.cat([b.top_logprobs for b in batches]).numpy()
         if meta.final["full_logits"]:
-            out[LOGITS] = encode(torch.cat([b.logits for b in batches]), self.dtype)
+            out[LOGITS] = encode(torch.cat([b.logits for b in batches]), self.preset.float_dtype)
         return out

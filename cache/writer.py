@@ -19,6 +19,7 @@ from zarr.storage import WrapperStore
 from lenscache import location
 from lenscache.encoding import CARRIER, SERIALIZER, CodecPreset, compressors
 from lenscache.errors import StoreError
+from lenscache.quant import n_blocks
 from lenscache.schema import (
     DIMS,
     FINAL_EXACT,
@@ -30,6 +31,7 @@ from lenscache.schema import (
     LOGSUMEXP,
     META_KEY,
     RESID,
+    RESID_SCALE,
     TOKENS,
     TOPK_IDS,
     TOPK_LOGPROBS,
@@ -63,6 +65,7 @@ class ArrayPlan:
     zarr_dtype: str
     logical_dtype: str | None = None  # set when the zarr dtype only carries the bits
     compress: bool = True
+    preset_codec: bool = False  # compressed with the preset's settings (resid, logits)
 
 
 def plan_arrays(meta: StoreMeta, preset: CodecPreset) -> list[ArrayPlan]:
@@ -76,8 +79,13 @@ def plan_arrays(meta: StoreMeta, preset: CodecPreset) -> list[ArrayPlan]:
     plans = [
         # tokens are tiny: group many rows per chunk (a multiple of s keeps rows aligned)
         ArrayPlan(TOKENS, (n, t), (plan_seq_chunks(t * 4, n, s), t), "int32"),
-        ArrayPlan(RESID, (len(meta.layers), n, t, d), (1, s, p, d), carrier, logical),
+        ArrayPlan(RESID, (len(meta.layers), n, t, d), (1, s, p, d), carrier, logical, preset_codec=True),
     ]
+    if preset.quant == "block":
+        nb = n_blocks(d, preset.block)
+        plans.append(
+            ArrayPlan(RESID_SCALE, (len(meta.layers), n, t, nb), (1, s, p, nb), "uint16", "bfloat16")
+        )
     encoding = meta.final["encoding"]
     if encoding == "lo16":
         plans.append(ArrayPlan(FINAL_LO, (n, t, d), (s, p, d), "uint16"))
@@ -91,7 +99,19 @@ def plan_arrays(meta: StoreMeta, preset: CodecPreset) -> list[ArrayPlan]:
     plans.append(ArrayPlan(LOGSUMEXP, (n, t), (plan_seq_chunks(t * 4, n, s), t), "float32"))
     if meta.final["full_logits"]:
         v = meta.vocab_size
-        plans.append(ArrayPlan(LOGITS, (n, t, v), (1, plan_pos_chunk(1, t, v * item), v), carrier, logical))
+        fdt = preset.float_dtype
+        fcarrier, fitem = CARRIER[fdt], np.dtype(CARRIER[fdt]).itemsize
+        flogical = fdt if fcarrier != fdt else None
+        plans.append(
+            ArrayPlan(
+                LOGITS,
+                (n, t, v),
+                (1, plan_pos_chunk(1, t, v * fitem), v),
+                fcarrier,
+                flogical,
+                preset_codec=True,
+            )
+        )
     return plans
 
 
@@ -133,7 +153,7 @@ class StoreWriter:
                 chunks=plan.chunks,
                 dtype=plan.zarr_dtype,
                 serializer=SERIALIZER,
-                compressors=preset.compressors(item) if plan.name in (RESID, LOGITS) else compressors(item),
+                compressors=preset.compressors(item) if plan.preset_codec else compressors(item),
                 fill_value=0,
                 dimension_names=DIMS[plan.name],
                 attributes=attrs,
@@ -171,7 +191,7 @@ class StoreWriter:
         """Write sequences [start, start + n) of every per-sequence array (resid's axis 1)."""
         for name, block in arrays.items():
             arr = self.group[name]
-            if name == RESID:
+            if name in (RESID, RESID_SCALE):
                 arr[:, start : start + block.shape[1]] = block
             else:
                 arr[start : start + block.shape[0]] = block

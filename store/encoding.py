@@ -7,19 +7,20 @@ float32. Every preset ends with zarr's crc32c codec, so a flipped bit fails loud
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec
 
+from . import quant
 from .errors import StoreError
-from .schema import LOGICAL_DTYPE_ATTR
+from .schema import LOGICAL_DTYPE_ATTR, RESID_SCALE
 
-STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+STORAGE_DTYPES = ("bfloat16", "float16", "float32", "int8")
 # zarr dtype that carries each logical storage dtype
-CARRIER = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
+CARRIER = {"bfloat16": "uint16", "float16": "float16", "float32": "float32", "int8": "int8"}
 _TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -28,12 +29,76 @@ class CodecPreset:
     """A named way to store the residual stream: storage dtype plus compressor settings."""
 
     name: str
-    dtype: str
+    dtype: str  # logical dtype of the `resid` array
     description: str
     clevel: int = 1
+    quant: str | None = None  # None (exact for `dtype`) | "bitround" | "block" (see lenscache.quant)
+    keepbits: int | None = None  # bitround: mantissa bits kept
+    bits: int | None = None  # block: integer bits per value (8 or 4)
+    block: int = 32  # block: values per scale along d_model
+    shuffle: str = field(default="byte")  # blosc shuffle for resid: byte | bit
 
     def compressors(self, itemsize: int) -> list[Any]:
-        return compressors(itemsize, self.clevel)
+        return compressors(itemsize, self.clevel, bitshuffle=self.shuffle == "bit")
+
+    @property
+    def lossy(self) -> bool:
+        """True when stored values differ from the input beyond rounding to the storage dtype."""
+        return self.quant is not None
+
+    @property
+    def float_dtype(self) -> str:
+        """Storage dtype for the store's other float arrays (full logits)."""
+        return "bfloat16" if self.dtype == "int8" else self.dtype
+
+    def error_bound(self) -> dict[str, Any]:
+        """The declared per-value error bound, as recorded in the store metadata."""
+        if self.quant == "bitround":
+            return {
+                "kind": "relative",
+                "value": 2.0 ** -(self.keepbits + 1),
+                "floor": 2.0**-126,
+                "text": f"|x - y| <= 2^-{self.keepbits + 1} * max(|x|, 2^-126)",
+            }
+        if self.quant == "block":
+            q = quant.qmax(self.bits)
+            return {
+                "kind": "block_scale",
+                "block": self.block,
+                "qmax": q,
+                "text": (
+                    f"|x - y| <= scale/2 per value, scale (stored per block of {self.block} along d_model, "
+                    f"bfloat16 rounded up) <= absmax_of_block * (1 + 2^-7) / {q}"
+                ),
+            }
+        rel = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 0.0}[self.dtype]
+        floor = {"bfloat16": 2.0**-126, "float16": 2.0**-14, "float32": 2.0**-126}[self.dtype]
+        return {
+            "kind": "relative",
+            "value": rel,
+            "floor": floor,
+            "text": f"round to nearest {self.dtype}: |x - y| <= {rel:g} * max(|x|, {floor:g})",
+        }
+
+    def storage_meta(self) -> dict[str, Any]:
+        """The store metadata's ``storage`` object for this preset."""
+        meta: dict[str, Any] = {
+            "dtype": self.dtype,
+            "codec": self.name,
+            "description": self.description,
+            "error_bound": self.error_bound(),
+        }
+        if self.quant == "bitround":
+            meta["quant"] = {"scheme": "bitround", "keepbits": self.keepbits}
+        elif self.quant == "block":
+            meta["quant"] = {
+                "scheme": "block",
+                "bits": self.bits,
+                "block": self.block,
+                "scale_array": RESID_SCALE,
+                "scale_dtype": "bfloat16",
+            }
+        return meta
 
 
 PRESETS: dict[str, CodecPreset] = {
@@ -46,6 +111,36 @@ PRESETS: dict[str, CodecPreset] = {
             "float16, byte shuffle, zstd; values beyond +-65504 are refused as overflow",
         ),
         CodecPreset("fp32-zstd", "float32", "float32, byte shuffle, zstd (lossless)"),
+        CodecPreset(
+            "bf16r4-zstd",
+            "bfloat16",
+            "mantissa rounded to 4 bits (relative error <= 2^-5), bfloat16 bits, bit shuffle, zstd",
+            quant="bitround",
+            keepbits=4,
+            shuffle="bit",
+        ),
+        CodecPreset(
+            "bf16r3-zstd",
+            "bfloat16",
+            "mantissa rounded to 3 bits (relative error <= 2^-4), bfloat16 bits, bit shuffle, zstd",
+            quant="bitround",
+            keepbits=3,
+            shuffle="bit",
+        ),
+        CodecPreset(
+            "int8b32-zstd",
+            "int8",
+            "int8 with one bfloat16 scale per 32 values (|error| <= absmax/254 per block), zstd",
+            quant="block",
+            bits=8,
+        ),
+        CodecPreset(
+            "int4b32-zstd",
+            "int8",
+            "4-bit integers with one bfloat16 scale per 32 values (|error| <= absmax/14 per block), zstd",
+            quant="block",
+            bits=4,
+        ),
     )
 }
 DEFAULT_PRESET = "bf16-zstd"
@@ -64,9 +159,11 @@ def get_preset(name: str) -> CodecPreset:
 BLOSC_BLOCKSIZE = 1 << 20
 
 
-def compressors(itemsize: int, clevel: int = 1) -> list[Any]:
+def compressors(itemsize: int, clevel: int = 1, bitshuffle: bool = False) -> list[Any]:
     """Byte-shuffled zstd through blosc (multi-threaded, releases the GIL), then a crc32c checksum."""
     shuffle = BloscShuffle.shuffle if itemsize > 1 else BloscShuffle.noshuffle
+    if bitshuffle:
+        shuffle = BloscShuffle.bitshuffle
     blosc = BloscCodec(
         cname="zstd", clevel=clevel, shuffle=shuffle, typesize=itemsize, blocksize=BLOSC_BLOCKSIZE
     )

@@ -22,6 +22,7 @@ from . import location
 from .encoding import decode, join_lo16, logical_dtype
 from .errors import StoreError
 from .head import Unembed
+from .quant import block_dequantize
 from .schema import (
     FINAL_EXACT,
     FINAL_LO,
@@ -30,6 +31,7 @@ from .schema import (
     LOGSUMEXP,
     META_KEY,
     RESID,
+    RESID_SCALE,
     TOKENS,
     TOPK_IDS,
     TOPK_LOGPROBS,
@@ -87,6 +89,10 @@ class Store:
         for required in (TOKENS, RESID, LOGSUMEXP):
             if required not in self.arrays:
                 raise StoreError(f"store {url} has no {required!r} array")
+        quant = self.meta.storage.get("quant") or {}
+        self._block = int(quant["block"]) if quant.get("scheme") == "block" else None
+        if self._block is not None and RESID_SCALE not in self.arrays:
+            raise StoreError(f"store {url} uses block-scaled {RESID!r} but has no {RESID_SCALE!r} array")
 
     # ---- shape of what is readable -------------------------------------------------------------
     @property
@@ -176,18 +182,47 @@ class Store:
         """
         if layer == self.meta.n_layers:
             return self.final_resid(seqs)
-        return self._decoded(RESID, (self.layer_index(layer), self._seqs(seqs)))
+        return self._resid_stored(layer, seqs)
+
+    def _resid_stored(self, layer: int, seqs: Seqs | None) -> np.ndarray:
+        """float32 of what `resid` stores for `layer` (lossy presets: within the declared bound)."""
+        sel = (self.layer_index(layer), self._seqs(seqs))
+        if self._block is not None:
+            return block_dequantize(self._read(RESID, sel), self._read(RESID_SCALE, sel), self._block)
+        return self._decoded(RESID, sel)
+
+    @property
+    def codec(self) -> str:
+        """The codec preset `resid` was written with (see `lenscache.encoding.PRESETS`)."""
+        return str(self.meta.storage.get("codec", ""))
+
+    @property
+    def error_bound(self) -> dict[str, Any] | None:
+        """The declared per-value error bound of `resid` (None in stores that predate it)."""
+        return self.meta.storage.get("error_bound")
 
     @property
     def storage_dtype(self) -> str:
-        """Logical dtype of `resid` (bfloat16 | float16 | float32)."""
+        """The dtype `resid_raw` returns, as `decode` names it (bfloat16 | float16 | float32).
+
+        Block-scaled stores return float32 here: their int8 values mean nothing without the scales,
+        so `resid_raw` decodes them."""
+        if self._block is not None:
+            return "float32"
         arr = self.arrays[RESID]
         return logical_dtype(dict(arr.attrs), arr.dtype)
 
     def resid_raw(self, layer: int, seqs: Seqs | None = None) -> np.ndarray:
         """The stored carrier of boundary `layer` (see `storage_dtype`), undecoded: half the bytes of
-        `resid` for bfloat16, for readers that buffer data and decode only what they use."""
+        `resid` for bfloat16, for readers that buffer data and decode only what they use
+        (`decode_raw` turns it into float32). Block-scaled stores return float32 (decoded)."""
+        if self._block is not None:
+            return self._resid_stored(layer, seqs)
         return self._read(RESID, (self.layer_index(layer), self._seqs(seqs)))
+
+    def decode_raw(self, raw: np.ndarray) -> np.ndarray:
+        """float32 of what `resid_raw` returned."""
+        return decode(raw, self.storage_dtype)
 
     def final_resid(self, seqs: Seqs | None = None) -> np.ndarray:
         """The last block's output before the final norm, exactly as the model computed it."""
@@ -195,10 +230,10 @@ class Store:
         encoding = self.meta.final["encoding"]
         if encoding == "float32":
             return self._read(FINAL_EXACT, (sel,))
-        hi = self._read(RESID, (self.layer_index(self.meta.n_layers), sel))
         if encoding == "lo16":
+            hi = self._read(RESID, (self.layer_index(self.meta.n_layers), sel))
             return join_lo16(hi, self._read(FINAL_LO, (sel,)))
-        return decode(hi, logical_dtype(dict(self.arrays[RESID].attrs), self.arrays[RESID].dtype))
+        return self._resid_stored(self.meta.n_layers, sel)
 
     @cached_property
     def unembed(self) -> Unembed:

@@ -8,6 +8,7 @@ array          dimensions                        content
 ============== ================================ ========================================================
 tokens         (seq, pos)                        int32 token ids of the packed sequences
 resid          (layer, seq, pos, d_model)        residual stream at the layer boundaries in ``layers``
+resid_scale    (layer, seq, pos, block)          block-scaled presets only: bfloat16 scale per block
 final_lo       (seq, pos, d_model)               low 16 bits of the float32 last boundary (``lo16``)
 final_exact    (seq, pos, d_model)               the last boundary at compute precision (``float32``)
 topk_ids       (seq, pos, k)                     int32 ids of the k most likely next tokens
@@ -27,6 +28,14 @@ precision lives:
   (bfloat16 by truncation) and ``final_lo`` the low 16 bits; together they are bit-exact.
 - ``float32``: ``final_exact`` holds it (used when the storage dtype cannot be split that way).
 - ``resid``: the ``resid`` array already holds it exactly (storage precision >= compute precision).
+
+Lossy presets (``storage.quant`` present; see `lenscache.quant`) always use ``float32``.
+``storage.error_bound`` declares their per-value error. ``bitround``: ``resid`` is bfloat16 whose
+low mantissa bits were rounded away. ``block``: ``resid`` is int8 (logical dtype ``int8``) and
+``resid_scale`` (uint16 carrying bfloat16, chunked like ``resid``) holds one scale per block of
+``storage.quant.block`` values along d_model; the value is ``resid * resid_scale``. Stores with a
+``block`` preset are written with schema version 2 (older readers would misread the int8 values);
+all others with version 1.
 """
 
 from __future__ import annotations
@@ -37,11 +46,13 @@ from typing import Any
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this lenscache reads and writes (2: block-scaled resid)
+QUANT_SCHEMA_VERSION = 2  # written only by block-scaled presets; other stores stay version 1
 META_KEY = "lenscache"
 
 TOKENS = "tokens"
 RESID = "resid"
+RESID_SCALE = "resid_scale"
 FINAL_LO = "final_lo"
 FINAL_EXACT = "final_exact"
 TOPK_IDS = "topk_ids"
@@ -61,6 +72,7 @@ HEAD_ARRAYS = {
 DIMS = {
     TOKENS: ("seq", "pos"),
     RESID: ("layer", "seq", "pos", "d_model"),
+    RESID_SCALE: ("layer", "seq", "pos", "block"),
     FINAL_LO: ("seq", "pos", "d_model"),
     FINAL_EXACT: ("seq", "pos", "d_model"),
     TOPK_IDS: ("seq", "pos", "k"),
@@ -74,6 +86,7 @@ LOGICAL_DTYPE_ATTR = "lenscache_dtype"
 
 BUILD_STATUSES = ("initializing", "building", "complete")
 FINAL_ENCODINGS = ("lo16", "float32", "resid")
+QUANT_SCHEMES = ("bitround", "block")
 
 MiB = 1 << 20
 CHUNK_TARGET_BYTES = 4 * MiB
@@ -167,6 +180,13 @@ class StoreMeta:
             self.final.get("encoding") in FINAL_ENCODINGS,
             f"unknown final encoding {self.final.get('encoding')!r}",
         )
+        quant = self.storage.get("quant")
+        if quant is not None:
+            need(
+                isinstance(quant, dict) and quant.get("scheme") in QUANT_SCHEMES,
+                f"unknown storage quantization {quant!r}",
+            )
+            need(self.final.get("encoding") == "float32", "a lossy preset needs the float32 final encoding")
         need(len(self.layers) == len(set(self.layers)), "duplicate layers")
         need(
             all(isinstance(i, int) and 0 <= i <= self.n_layers for i in self.layers),
