@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,10 +99,12 @@ def fit_tuned(
     resume: bool = False,
     progress: bool = True,
     source: BlockSource | None = None,
+    on_step: Callable[[int, Lens], None] | None = None,
 ) -> Lens:
     """Fit a tuned lens on the store's train split, save it to `out` and return it.
 
-    `source` replaces the store as the supplier of blocks (e.g. `MemorySource` for a RAM baseline).
+    `source` replaces the store as the supplier of blocks (e.g. `MemorySource` for a RAM baseline);
+    `on_step(step, lens)` is called after every optimiser step (e.g. to track held-out loss).
     """
     spec = spec or StreamSpec()
     cfg = cfg or TunedConfig()
@@ -180,6 +183,8 @@ def fit_tuned(
         history.append(round(float(per_layer.mean()), 5))
         bar.set_postfix(_group_postfix(per_layer, layers, tokens_seen / (time.perf_counter() - started)))
         bar.update()
+        if on_step is not None:
+            on_step(step, lens)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
             _save_checkpoint(out, lens, opt, {"step": step, "settings": settings, "history": history})
     bar.close()

@@ -72,8 +72,16 @@ class Store:
             raise StoreError(
                 f"{url} is not a lenscache store (no readable zarr.json with lenscache metadata)"
             )
+        # Members are found by listing the store, never taken from consolidated metadata, whose
+        # hand-edited names could point outside the store; such names are refused outright.
+        consolidated = (location.root_document(url).get("consolidated_metadata") or {}).get("metadata") or {}
+        bad = sorted(name for name in consolidated if location.unsafe_member(name))
+        if bad:
+            raise StoreError(f"store {url} lists members outside the store ({', '.join(bad)}); refusing to open it")
         try:
-            self.group = zarr.open_group(store=location.zarr_store(url, read_only=True), mode="r")
+            self.group = zarr.open_group(
+                store=location.zarr_store(url, read_only=True), mode="r", use_consolidated=False
+            )
         except Exception as exc:  # zarr raises many types for malformed metadata
             raise StoreError(f"cannot open {url} as a Zarr v3 group: {exc}") from exc
         self.meta = StoreMeta.from_dict(self.group.attrs.get(META_KEY))
