@@ -54,18 +54,21 @@ def plot(report: EvalReport, path: str | os.PathLike) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
     for ax, (metric, label) in zip(axes.flat, LABELS.items(), strict=True):
         for name, rows in report.lenses.items():
             ax.plot(report.layers, [rows[layer][metric] for layer in report.layers], marker=".", label=name)
-        ax.axhline(report.model[metric], color="black", linestyle="--", linewidth=1, label="model output")
+        if metric != "kl":  # the model's own KL to itself is 0: nothing to draw on a log axis
+            ax.axhline(report.model[metric], color="black", linestyle="--", linewidth=1, label="model output")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer boundary")
         ax.set_title(label)
         if metric == "kl":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend()
+    axes.flat[1].legend()
     fig.suptitle(f"{Path(report.store).name}: {report.split} split, {report.tokens:,} tokens")
     out = Path(path)
     fig.savefig(out, dpi=110)
