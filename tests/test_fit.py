@@ -304,3 +304,15 @@ def test_killed_fit_resumes_from_its_checkpoint(store_path, tmp_path):
         [*CLI, "fit", store_path, "--out", str(tmp_path / "x"), "--resume"], capture_output=True, text=True
     )
     assert other.returncode == 2 and "no checkpoint" in other.stderr
+
+
+def test_affine_moments_reduce_the_same_on_a_distributed_cluster(store):
+    distributed = pytest.importorskip("distributed")  # in the test extra; users need it only for clusters
+
+    local = fit_affine(store, ridge=1e-3)
+    with distributed.Client(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None) as client:
+        with distributed.get_task_stream(client) as tasks:
+            remote = fit_affine(store, ridge=1e-3)
+    assert len(tasks.data) > 0  # the moments were computed by the cluster's workers
+    torch.testing.assert_close(remote.weight, local.weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(remote.bias, local.bias, atol=1e-5, rtol=1e-5)
