@@ -40,17 +40,22 @@ def pass_rss(url: str, buffer_tokens: int, batch_tokens: int) -> dict:
     store = open_store(url)
     spec = StreamSpec(batch_tokens=batch_tokens, buffer_tokens=buffer_tokens)
     stream = ResidualStream(store, spec)
-    start, n, nbytes = time.perf_counter(), 0, 0
+    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}.get(store.storage_dtype, 1)
+    start, n, stored, delivered = time.perf_counter(), 0, 0, 0
     for batch in stream:
         n += batch.n_tokens
-        nbytes += batch.resid.numel() * 4 + batch.final.numel() * 4
+        stored += batch.resid.numel() * itemsize + batch.final.numel() * 4
+        delivered += batch.resid.numel() * 4 + batch.final.numel() * 4
     seconds = time.perf_counter() - start
     return {
         "store": url,
         "sequences": store.n_sequences,
         "tokens": n,
+        "layers": len(stream.layers),
+        "buffer_tokens": buffer_tokens,
         "seconds": round(seconds, 2),
-        "decompressed_MB_per_s": round(nbytes / seconds / 1e6, 1),
+        "decompressed_MB_per_s": round(stored / seconds / 1e6, 1),
+        "float32_MB_per_s_delivered": round(delivered / seconds / 1e6, 1),
         "peak_rss_MiB": round(_peak_rss_mib(), 1),
     }
 
