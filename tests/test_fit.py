@@ -316,3 +316,13 @@ def test_affine_moments_reduce_the_same_on_a_distributed_cluster(store):
     assert len(tasks.data) > 0  # the moments were computed by the cluster's workers
     torch.testing.assert_close(remote.weight, local.weight, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(remote.bias, local.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_entropy_loss_option_lowers_next_token_loss(store, tmp_path):
+    lens = fit_tuned(
+        store, tmp_path / "ce", StreamSpec(batch_tokens=64, epochs=6), TunedConfig(loss="ce"), progress=False
+    )
+    history = lens.config.fit["loss_history"]
+    assert np.mean(history[-5:]) < np.mean(history[:5])  # per-layer mean next-token CE, nats
+    with pytest.raises(LensCacheError, match="loss must be"):
+        TunedConfig(loss="mse")
