@@ -36,6 +36,7 @@ class CodecPreset:
     keepbits: int | None = None  # bitround: mantissa bits kept
     bits: int | None = None  # block: integer bits per value (8 or 4)
     block: int = 32  # block: values per scale along d_model
+    rms_step: float | None = None  # block: scales at least this fraction of the token's RMS
     shuffle: str = field(default="byte")  # blosc shuffle for resid: byte | bit
 
     def compressors(self, itemsize: int) -> list[Any]:
@@ -62,13 +63,17 @@ class CodecPreset:
             }
         if self.quant == "block":
             q = quant.qmax(self.bits)
+            limit = f"absmax_of_block / {q}"
+            if self.rms_step is not None:
+                limit = f"max({limit}, rms_of_token * {self.rms_step:g})"
             return {
                 "kind": "block_scale",
                 "block": self.block,
                 "qmax": q,
+                "rms_step": self.rms_step,
                 "text": (
                     f"|x - y| <= scale/2 per value, scale (stored per block of {self.block} along d_model, "
-                    f"bfloat16 rounded up) <= absmax_of_block * (1 + 2^-7) / {q}"
+                    f"bfloat16 rounded up) <= {limit} * (1 + 2^-7)"
                 ),
             }
         rel = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 0.0}[self.dtype]
@@ -97,6 +102,7 @@ class CodecPreset:
                 "block": self.block,
                 "scale_array": RESID_SCALE,
                 "scale_dtype": "bfloat16",
+                "rms_step": self.rms_step,
             }
         return meta
 
@@ -114,18 +120,16 @@ PRESETS: dict[str, CodecPreset] = {
         CodecPreset(
             "bf16r4-zstd",
             "bfloat16",
-            "mantissa rounded to 4 bits (relative error <= 2^-5), bfloat16 bits, bit shuffle, zstd",
+            "mantissa rounded to 4 bits (relative error <= 2^-5), bfloat16 bits, byte shuffle, zstd",
             quant="bitround",
             keepbits=4,
-            shuffle="bit",
         ),
         CodecPreset(
             "bf16r3-zstd",
             "bfloat16",
-            "mantissa rounded to 3 bits (relative error <= 2^-4), bfloat16 bits, bit shuffle, zstd",
+            "mantissa rounded to 3 bits (relative error <= 2^-4), bfloat16 bits, byte shuffle, zstd",
             quant="bitround",
             keepbits=3,
-            shuffle="bit",
         ),
         CodecPreset(
             "int8b32-zstd",
@@ -133,6 +137,33 @@ PRESETS: dict[str, CodecPreset] = {
             "int8 with one bfloat16 scale per 32 values (|error| <= absmax/254 per block), zstd",
             quant="block",
             bits=8,
+        ),
+        CodecPreset(
+            "int8rms16-zstd",
+            "int8",
+            "int8 with one bfloat16 scale per 32 values, scale = max(absmax/127, token RMS/16) "
+            "(|error| <= max(absmax/254, RMS/32) per block), zstd",
+            quant="block",
+            bits=8,
+            rms_step=1 / 16,
+        ),
+        CodecPreset(
+            "int8rms12-zstd",
+            "int8",
+            "int8 with one bfloat16 scale per 32 values, scale = max(absmax/127, token RMS/12) "
+            "(|error| <= max(absmax/254, RMS/24) per block), zstd",
+            quant="block",
+            bits=8,
+            rms_step=1 / 12,
+        ),
+        CodecPreset(
+            "int8rms8-zstd",
+            "int8",
+            "int8 with one bfloat16 scale per 32 values, scale = max(absmax/127, token RMS/8) "
+            "(|error| <= max(absmax/254, RMS/16) per block), zstd",
+            quant="block",
+            bits=8,
+            rms_step=1 / 8,
         ),
         CodecPreset(
             "int4b32-zstd",

@@ -62,9 +62,14 @@ def _bf16_to_float(bits: torch.Tensor) -> torch.Tensor:
     return (bits.to(torch.int32) << 16).view(torch.float32)
 
 
-def block_quantize(x: torch.Tensor, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+def block_quantize(
+    x: torch.Tensor, bits: int, block: int, rms_step: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(..., d) float -> (int8 values (..., d), bfloat16-bit scales as uint16 (..., ceil(d / block))).
 
+    Each block's scale is ``absmax / qmax``; with `rms_step` it is at least ``rms_step * rms`` of
+    the value's row (one token's d_model values), so blocks of small values get the row's step
+    rather than a finer one: the same error relative to the row, in fewer bits after entropy coding.
     `x` must be finite (the caller checks, to name the layer and position of a bad value).
     """
     x = x.to(torch.float32)
@@ -74,7 +79,14 @@ def block_quantize(x: torch.Tensor, bits: int, block: int) -> tuple[np.ndarray, 
     if nb * block != d:
         flat = torch.nn.functional.pad(flat, (0, nb * block - d))
     xb = flat.reshape(-1, nb, block)
-    scale_bits = _bf16_ceil(xb.abs().amax(-1) / qmax(bits))
+    scale_f = xb.abs().amax(-1) / qmax(bits)
+    if rms_step is not None:
+        rms = torch.linalg.vector_norm(flat, dim=-1).div_(d**0.5)
+        over = ~torch.isfinite(rms)  # squares beyond float32's range: redo those rows in float64
+        if bool(over.any()):
+            rms[over] = (torch.linalg.vector_norm(flat[over].double(), dim=-1) / d**0.5).float()
+        scale_f = torch.maximum(scale_f, (rms * rms_step).unsqueeze(-1))
+    scale_bits = _bf16_ceil(scale_f)
     scale = _bf16_to_float(scale_bits).clamp_min_(_TINY)
     q = torch.round(xb / scale.unsqueeze(-1)).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
     q = q.reshape(-1, nb * block)[:, :d].reshape(*lead, d)

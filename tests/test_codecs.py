@@ -49,7 +49,7 @@ def roundtrip(name: str, x: torch.Tensor) -> np.ndarray:
     """Encode `x` as a build does, decode as the reader does."""
     p = PRESETS[name]
     if p.quant == "block":
-        q, s = quant.block_quantize(x, p.bits, p.block)
+        q, s = quant.block_quantize(x, p.bits, p.block, p.rms_step)
         assert q.dtype == np.int8 and s.shape == (*x.shape[:-1], quant.n_blocks(x.shape[-1], p.block))
         return quant.block_dequantize(q, s, p.block)
     if p.quant == "bitround":
@@ -70,7 +70,11 @@ def bound(name: str, x: np.ndarray) -> np.ndarray:
     padded = np.zeros((*x.shape[:-1], nb * p.block))
     padded[..., :d] = ax
     absmax = padded.reshape(*x.shape[:-1], nb, p.block).max(-1)
-    scale_max = np.maximum(absmax * (1 + 2.0**-7) / eb["qmax"], 2.0**-133)
+    scale_max = absmax / eb["qmax"]
+    if eb["rms_step"] is not None:
+        rms = np.sqrt((ax**2).mean(-1, keepdims=True))
+        scale_max = np.maximum(scale_max, rms * eb["rms_step"])
+    scale_max = np.maximum(scale_max * (1 + 2.0**-7), 2.0**-133)
     per_value = np.repeat(scale_max, p.block, axis=-1)[..., :d]
     return per_value / 2 + ax * 2.0**-23
 

@@ -1,0 +1,290 @@
+"""Codec presets on real activations: size, error, speed, and what they change downstream.
+
+    python -m lenscache.tools.bench_codecs [--seqs 18] [--seq-len 512] [--eval-tokens 1024]
+                                           [--exact-store S] [--out bench-results/codecs.json]
+
+One float32 store (fp32-zstd, exact) is built from SmolLM2-135M over WikiText; every preset's store
+is then written from that store's activations through the build's own encode step (`RowEncoder`)
+and writer, so every store holds exactly the same activations. For each preset:
+
+- bits per stored value of ``resid`` (scales included) and the ratio versus raw float16 (16 bits)
+  and versus the measured fp16-zstd store;
+- relative L2 error per layer, ``||x_hat - x|| / ||x||``, and the worst ratio of an observed
+  error to the declared bound;
+- encode and decode MB/s of float32 input on one core (torch and blosc limited to one thread):
+  quantize + compress one chunk of ``resid``, and decompress + dequantize it;
+- per-layer logit-lens KL and top-1 agreement, and per-layer affine-lens KL (the lens is fitted
+  once on the exact store, then evaluated on each store), all on the held-out split, and their
+  relative change versus the exact store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import torch
+from numcodecs import Blosc
+
+from lenscache import quant
+from lenscache.analysis.evaluate import evaluate, per_layer
+from lenscache.cache.build import BuildConfig, _final_encoding, build_store
+from lenscache.cache.model import ModelSpec, default_model_dir
+from lenscache.cache.staging import BatchOutput, RowEncoder
+from lenscache.cache.text import DataSpec
+from lenscache.cache.writer import StoreWriter
+from lenscache.encoding import BLOSC_BLOCKSIZE, PRESETS, CodecPreset, decode
+from lenscache.fit.affine import fit_affine
+from lenscache.fit.stream import split_sequences
+from lenscache.reader import Store, open_store
+from lenscache.schema import HEAD, QUANT_SCHEMA_VERSION, RESID, RESID_SCALE, StoreMeta
+
+WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+KL_TARGET = 0.01  # relative change of every per-layer lens KL
+BITS_TARGET = 5.0
+
+
+def build_exact(out: str, seqs: int, seq_len: int) -> Store:
+    build_store(
+        BuildConfig(
+            out=out,
+            model=ModelSpec(str(default_model_dir())),
+            data=DataSpec(str(WIKITEXT), doc_regex=r"^ = [^=]"),
+            seq_len=seq_len,
+            max_tokens=seqs * seq_len,
+            codec="fp32-zstd",
+            progress=False,
+            overwrite=True,
+        )
+    )
+    return open_store(out)
+
+
+def reencode(src: Store, url: str, preset: CodecPreset) -> Store:
+    """Write `src`'s activations as a store of `preset`, through the build's encoder and writer."""
+    meta = StoreMeta.from_dict(src.meta.to_dict())
+    meta.storage = preset.storage_meta()
+    meta.final["encoding"] = _final_encoding(preset, torch.float32, meta.layers, meta.n_layers)
+    meta.schema_version = QUANT_SCHEMA_VERSION if preset.quant == "block" else 1
+    meta.build.identity = {**meta.build.identity, "codec": preset.name}
+    head = {p[len(HEAD) + 1 :]: src._read(p, (Ellipsis,)) for p in src.arrays if p.startswith(f"{HEAD}/")}
+    writer = StoreWriter.create(url, meta, preset, src.tokens(), head)
+    encoder = RowEncoder(writer.meta, preset)
+    s, n = meta.build.seqs_per_chunk, src.n_sequences
+    for start in range(0, n, s):
+        rows = range(start, min(start + s, n))
+        states = [torch.from_numpy(src.resid(layer, rows)) for layer in meta.layers]
+        ids, lps = src.topk(rows)
+        batch = BatchOutput(
+            states,
+            torch.from_numpy(src.final_resid(rows)),
+            torch.from_numpy(src.logsumexp(rows)),
+            torch.from_numpy(ids),
+            torch.from_numpy(lps),
+            None,
+        )
+        writer.write_rows(start, encoder.encode_row(start, [batch]))
+        writer.commit(rows.stop)
+    return open_store(url)
+
+
+def _blosc(preset: CodecPreset, itemsize: int) -> Blosc:
+    shuffle = Blosc.SHUFFLE if itemsize > 1 else Blosc.NOSHUFFLE
+    if preset.shuffle == "bit":
+        shuffle = Blosc.BITSHUFFLE
+    return Blosc(cname="zstd", clevel=preset.clevel, shuffle=shuffle, blocksize=BLOSC_BLOCKSIZE)
+
+
+def speed(preset: CodecPreset, x: torch.Tensor, meta: StoreMeta, repeats: int = 3) -> dict[str, float]:
+    """Encode and decode MB/s (of float32 input) on one core: the encode step plus compression."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    numcodecs.blosc.set_nthreads(1)
+    try:
+        mb = x.numel() * 4 / 1e6
+        enc_t, dec_t = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            if preset.quant == "block":
+                q, sc = quant.block_quantize(x, preset.bits, preset.block, preset.rms_step)
+                blobs = [_blosc(preset, 1).encode(q), _blosc(preset, 2).encode(sc)]
+            else:
+                if preset.quant == "bitround":
+                    carrier = quant.bitround(x, preset.keepbits)
+                else:
+                    enc = RowEncoder(meta, preset)
+                    carrier = enc._checked(x, 0, 0)
+                blobs = [_blosc(preset, carrier.itemsize).encode(carrier)]
+            enc_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            if preset.quant == "block":
+                qd = np.frombuffer(_blosc(preset, 1).decode(blobs[0]), dtype=np.int8).reshape(q.shape)
+                sd = np.frombuffer(_blosc(preset, 2).decode(blobs[1]), dtype=np.uint16).reshape(sc.shape)
+                y = quant.block_dequantize(qd, sd, preset.block)
+            else:
+                raw = np.frombuffer(_blosc(preset, carrier.itemsize).decode(blobs[0]), dtype=carrier.dtype)
+                y = decode(raw.reshape(carrier.shape), preset.dtype)
+            dec_t.append(time.perf_counter() - t0)
+            assert y.shape == tuple(x.shape)
+        return {"encode_mb_s": round(mb / min(enc_t), 1), "decode_mb_s": round(mb / min(dec_t), 1)}
+    finally:
+        torch.set_num_threads(threads)
+        numcodecs.blosc.set_nthreads(threads)
+
+
+def resid_bits(store: Store) -> float:
+    sizes = store.stored_bytes()
+    values = len(store.layers) * store.n_sequences * store.seq_len * store.d_model
+    return 8.0 * (sizes[RESID] + sizes.get(RESID_SCALE, 0)) / values
+
+
+def errors(store: Store, exact: Store, preset: CodecPreset) -> tuple[dict[str, float], float]:
+    """Relative L2 error per layer (the last boundary is read exactly), and the worst error/bound."""
+    rel: dict[str, float] = {}
+    worst = 0.0
+    eb = preset.error_bound()
+    for layer in exact.layers:
+        x = exact.resid(layer).astype(np.float64)
+        y = store.resid(layer).astype(np.float64)
+        rel[str(layer)] = float(np.linalg.norm(y - x) / np.linalg.norm(x))
+        if eb["kind"] == "relative":
+            if eb["value"] == 0:
+                continue
+            allowed = eb["value"] * np.maximum(np.abs(x), eb["floor"])
+        else:
+            sel = (store.layer_index(layer), slice(0, store.n_sequences))
+            scales = quant.block_scale_float(store._read(RESID_SCALE, sel)).astype(np.float64)
+            allowed = np.repeat(scales, preset.block, axis=-1)[..., : x.shape[-1]] / 2 + np.abs(x) * 2.0**-23
+        worst = max(worst, float((np.abs(y - x) / np.maximum(allowed, 1e-45)).max()))
+    return rel, worst
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", type=int, default=18, help="sequences (the last 10%% are held out)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=1024)
+    ap.add_argument("--exact-store", default=None, help="reuse this fp32-zstd store instead of building one")
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--work", default=None, help="where the stores go (default: a temporary directory)")
+    ap.add_argument("--out", default="bench-results/codecs.json")
+    args = ap.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="lenscache-bench-codecs-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    t = time.perf_counter()
+    if args.exact_store:
+        exact = open_store(args.exact_store)
+    else:
+        exact = build_exact(str(work / "exact.zarr"), args.seqs, args.seq_len)
+    print(
+        f"exact store: {exact.n_sequences} x {exact.seq_len} tokens ({time.perf_counter() - t:.0f} s)",
+        flush=True,
+    )
+    if exact.codec != "fp32-zstd":
+        raise SystemExit("--exact-store must be an fp32-zstd store")
+    train = len(split_sequences(exact.n_sequences).train)
+
+    t = time.perf_counter()
+    affine = fit_affine(exact, max_sequences=train)
+    print(f"affine lens fitted on the exact store ({time.perf_counter() - t:.0f} s)", flush=True)
+    ref = evaluate(exact, {"affine": affine}, max_tokens=args.eval_tokens, progress=False)
+    layers = [layer for layer in ref.layers if layer != exact.meta.n_layers]
+    idx = [ref.layers.index(layer) for layer in layers]
+    ref_kl = {lens: per_layer(ref, lens, "kl")[idx] for lens in ("logit", "affine")}
+    ref_top1 = per_layer(ref, "logit", "top1_agreement")[idx]
+
+    mid = exact.layers[len(exact.layers) // 2]
+    sample = torch.from_numpy(exact.resid(mid, range(0, min(8, exact.n_sequences))))
+    results: dict[str, dict] = {}
+    for name in args.presets.split(","):
+        preset = PRESETS[name]
+        t = time.perf_counter()
+        store = exact if name == "fp32-zstd" else reencode(exact, str(work / f"{name}.zarr"), preset)
+        written = time.perf_counter() - t
+        rep = (
+            ref
+            if name == "fp32-zstd"
+            else evaluate(store, {"affine": affine}, max_tokens=args.eval_tokens, progress=False)
+        )
+        kl = {lens: per_layer(rep, lens, "kl")[idx] for lens in ("logit", "affine")}
+        top1 = per_layer(rep, "logit", "top1_agreement")[idx]
+        rel_l2, worst = errors(store, exact, preset)
+        bits = resid_bits(store)
+        change = {lens: np.abs(kl[lens] - ref_kl[lens]) / ref_kl[lens] for lens in kl}
+        results[name] = {
+            "description": preset.description,
+            "error_bound": preset.error_bound(),
+            "lossy": preset.lossy,
+            "bits_per_value": round(bits, 3),
+            "ratio_vs_fp16_raw": round(16.0 / bits, 3),
+            "rel_l2_error_per_layer": {k: float(f"{v:.4g}") for k, v in rel_l2.items()},
+            "rel_l2_error_max": float(f"{max(rel_l2.values()):.4g}"),
+            "worst_error_over_bound": round(worst, 4),
+            **speed(preset, sample, exact.meta),
+            "logit_kl_per_layer": dict(zip(map(str, layers), np.round(kl["logit"], 5).tolist(), strict=True)),
+            "affine_kl_per_layer": dict(
+                zip(map(str, layers), np.round(kl["affine"], 5).tolist(), strict=True)
+            ),
+            "logit_top1_per_layer": dict(zip(map(str, layers), np.round(top1, 5).tolist(), strict=True)),
+            "max_rel_kl_change": {lens: float(f"{v.max():.4g}") for lens, v in change.items()},
+            "max_top1_change": float(f"{np.abs(top1 - ref_top1).max():.4g}"),
+            "write_seconds": round(written, 1),
+        }
+        r = results[name]
+        print(
+            f"{name:14s} {bits:6.3f} bits/value  {16 / bits:5.2f}x vs fp16  rel L2 max {r['rel_l2_error_max']:.3g}  "
+            f"enc {r['encode_mb_s']:7.1f} MB/s  dec {r['decode_mb_s']:7.1f} MB/s  "
+            f"max dKL logit {r['max_rel_kl_change']['logit']:.3%} affine {r['max_rel_kl_change']['affine']:.3%}  "
+            f"max dtop1 {r['max_top1_change']:.4f}  bound x{worst:.3f}",
+            flush=True,
+        )
+    fp16_bits = results.get("fp16-zstd", {}).get("bits_per_value")
+    for r in results.values():
+        r["ratio_vs_fp16_zstd_store"] = round(fp16_bits / r["bits_per_value"], 3) if fp16_bits else None
+    passing = [
+        n
+        for n, r in results.items()
+        if r["bits_per_value"] <= BITS_TARGET and max(r["max_rel_kl_change"].values()) < KL_TARGET
+    ]
+    recommended = min(passing, key=lambda n: results[n]["bits_per_value"]) if passing else None
+    out = {
+        "benchmark": "codecs",
+        "model": exact.meta.model.get("id"),
+        "data": "wikitext-2-raw wiki.test.raw, --doc-regex '^ = [^=]'",
+        "sequences": exact.n_sequences,
+        "seq_len": exact.seq_len,
+        "train_sequences": train,
+        "eval_tokens": ref.tokens,
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "speed_sample": {"layer": mid, "values": int(sample.numel())},
+        "reference": {
+            "logit_kl_per_layer": dict(
+                zip(map(str, layers), np.round(ref_kl["logit"], 5).tolist(), strict=True)
+            ),
+            "affine_kl_per_layer": dict(
+                zip(map(str, layers), np.round(ref_kl["affine"], 5).tolist(), strict=True)
+            ),
+        },
+        "presets": results,
+        "targets": {"bits_per_value": BITS_TARGET, "max_rel_kl_change": KL_TARGET},
+        "meets_target": passing,
+        "recommended": recommended,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(
+        f"recommended (<= {BITS_TARGET} bits/value, every per-layer KL within {KL_TARGET:.0%}): {recommended}"
+    )
+    print(f"wrote {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
