@@ -106,6 +106,28 @@ def _accumulate(acc: LayerMetrics, final: FinalDist, logp: torch.Tensor, nxt: to
     acc.n += logp.shape[0]
 
 
+def store_tokenizer(store: Store, name: str | None = None) -> Any:
+    """The tokenizer of the store's model (or `name`), loaded offline when possible; None if unavailable."""
+    from transformers import AutoTokenizer
+
+    if name is not None:
+        return AutoTokenizer.from_pretrained(name)
+    model = store.meta.model
+    candidates = [(model.get("tokenizer") or {}).get("name"), model.get("source"), model.get("id")]
+    if model.get("source") == "default":
+        from lenscache.cache.model import default_model_dir
+
+        candidates.insert(0, str(default_model_dir()))
+    for candidate in candidates:
+        if not candidate:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(candidate)
+        except Exception:  # not local and no hub: try the next name
+            continue
+    return None
+
+
 def count_bytes(store: Store, seqs: range, tokenizer: Any) -> int:
     """UTF-8 bytes of the text of each sequence's predicted tokens (positions 1..P-1)."""
     total = 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lenscache.analysis.evaluate import evaluate, per_layer
+from lenscache.analysis.evaluate import evaluate, per_layer, store_tokenizer
 from lenscache.analysis.report import plot
 from lenscache.fit.affine import fit_affine
 from lenscache.fit.losses import FinalDist, layer_groups, log_probs
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"tuned from identity: {times['tuned']:.1f} s on {train_tokens:,} tokens", flush=True)
 
     lenses = {"affine": affine, "tuned": tuned, "affine+kl": refined}
-    report = evaluate(store, lenses, max_tokens=args.eval_tokens)
+    report = evaluate(store, lenses, max_tokens=args.eval_tokens, tokenizer=store_tokenizer(store))
     kl = {name: per_layer(report, name, "kl") for name in report.lenses}
     last = store.meta.n_layers - 1
     but_last = [i for i, layer in enumerate(report.layers) if layer != last]

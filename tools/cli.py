@@ -340,28 +340,15 @@ def evaluate_cmd(store: str, lens_dirs: tuple[str, ...], out: str, **kw) -> None
 
 
 def _tokenizer(st, choice: str):
-    """The tokenizer for counting bytes, or None (with a note) when it cannot be had offline."""
+    """The tokenizer for counting bytes, or None (with a note) when it cannot be had."""
     if choice == "none":
         return None
-    from transformers import AutoTokenizer
+    from lenscache.analysis.evaluate import store_tokenizer
 
-    if choice != "auto":
-        return AutoTokenizer.from_pretrained(choice)
-    model = st.meta.model
-    candidates = [model.get("tokenizer", {}).get("name"), model.get("source"), model.get("id")]
-    if model.get("source") == "default":
-        from lenscache.cache.model import default_model_dir
-
-        candidates.insert(0, str(default_model_dir()))
-    for name in candidates:
-        if not name:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(name)
-        except Exception:
-            continue
-    click.echo("note: the store's tokenizer is not available here; bits per byte are omitted", err=True)
-    return None
+    tokenizer = store_tokenizer(st, None if choice == "auto" else choice)
+    if tokenizer is None:
+        click.echo("note: the store's tokenizer is not available here; bits per byte are omitted", err=True)
+    return tokenizer
 
 
 @cli.group()
