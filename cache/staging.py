@@ -116,7 +116,7 @@ class RowEncoder:
                     f"to {p.keepbits} mantissa bits exceeds float32's range; use --codec fp32-zstd"
                 )
             return quant.bitround(x, p.keepbits), None
-        return quant.block_quantize(x, p.bits, p.block, p.rms_step)
+        return quant.block_quantize(x, p.bits, p.block, p.rms_step_for(boundary, self.meta.n_layers))
 
     def _check_finite(self, x: torch.Tensor, boundary: int | str, row_start: int) -> None:
         # One reduction finds any NaN/inf (they propagate through a sum); locate only on failure.

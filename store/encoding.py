@@ -37,6 +37,15 @@ class CodecPreset:
     bits: int | None = None  # block: integer bits per value (8 or 4)
     block: int = 32  # block: values per scale along d_model
     rms_step: float | None = None  # block: scales at least this fraction of the token's RMS
+    late_layers: int = 0  # block: boundaries >= n_layers - late_layers use `late_rms_step`
+    late_rms_step: float | None = None
+
+    def rms_step_for(self, boundary: int, n_layers: int) -> float | None:
+        """The RMS step used at `boundary` (finer near the output, where lens KLs are small)."""
+        if self.late_layers and boundary >= n_layers - self.late_layers:
+            return self.late_rms_step
+        return self.rms_step
+
     shuffle: str = field(default="byte")  # blosc shuffle for resid: byte | bit
 
     def compressors(self, itemsize: int) -> list[Any]:
@@ -66,11 +75,17 @@ class CodecPreset:
             limit = f"absmax_of_block / {q}"
             if self.rms_step is not None:
                 limit = f"max({limit}, rms_of_token * {self.rms_step:g})"
+            if self.late_layers:
+                limit += (
+                    f" (rms_of_token * {self.late_rms_step:g} at boundaries >= n_layers - {self.late_layers})"
+                )
             return {
                 "kind": "block_scale",
                 "block": self.block,
                 "qmax": q,
                 "rms_step": self.rms_step,
+                "late_layers": self.late_layers,
+                "late_rms_step": self.late_rms_step,
                 "text": (
                     f"|x - y| <= scale/2 per value, scale (stored per block of {self.block} along d_model, "
                     f"bfloat16 rounded up) <= {limit} * (1 + 2^-7)"
@@ -103,6 +118,8 @@ class CodecPreset:
                 "scale_array": RESID_SCALE,
                 "scale_dtype": "bfloat16",
                 "rms_step": self.rms_step,
+                "late_layers": self.late_layers,
+                "late_rms_step": self.late_rms_step,
             }
         return meta
 
@@ -155,6 +172,17 @@ PRESETS: dict[str, CodecPreset] = {
             quant="block",
             bits=8,
             rms_step=1 / 12,
+        ),
+        CodecPreset(
+            "int8rms10l16-zstd",
+            "int8",
+            "int8 with one bfloat16 scale per 32 values, scale = max(absmax/127, token RMS/10), "
+            "RMS/16 for the last 4 blocks' outputs (where lens KLs are smallest), zstd",
+            quant="block",
+            bits=8,
+            rms_step=1 / 10,
+            late_layers=4,
+            late_rms_step=1 / 16,
         ),
         CodecPreset(
             "int8rms8-zstd",

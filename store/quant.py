@@ -16,6 +16,12 @@ no zarr codec of ours is involved, so a store needs nothing beyond zarr's own co
   One value per byte even for 4 bits: zstd's entropy coder then stores each 4-bit value in about
   3.5 bits, less than nibble packing would (4 bits). A block of 32 values with one 25,600 outlier
   is stored as coarsely as that outlier demands; the bound is stated per block for that reason.
+- **Token-RMS floor** (`block_quantize(..., rms_step=c)`): the same format (int8 + bfloat16 block
+  scales, same decode), but each scale is ``max(absmax / 127, c * rms)`` with ``rms`` the token's
+  RMS over d_model. Blocks of small values then share one step relative to the token, which is
+  what every RMS-normalised consumer sees; entropy coding turns the small integers into few bits.
+  Outlier blocks (SmolLM2's ~25,600 dimensions) keep ``absmax / 127`` and are never clipped.
+  Bound: ``|x - y| <= scale / 2 <= max(absmax / 254, c * rms / 2) * (1 + 2^-7)``.
 """
 
 from __future__ import annotations

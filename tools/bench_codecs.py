@@ -112,7 +112,7 @@ def speed(preset: CodecPreset, x: torch.Tensor, meta: StoreMeta, repeats: int = 
         for _ in range(repeats):
             t0 = time.perf_counter()
             if preset.quant == "block":
-                q, sc = quant.block_quantize(x, preset.bits, preset.block, preset.rms_step)
+                q, sc = quant.block_quantize(x, preset.bits, preset.block, preset.rms_step)  # the common step
                 blobs = [_blosc(preset, 1).encode(q), _blosc(preset, 2).encode(sc)]
             else:
                 if preset.quant == "bitround":
@@ -174,6 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--work", default=None, help="where the stores go (default: a temporary directory)")
     ap.add_argument("--out", default="bench-results/codecs.json")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="add these presets to an existing --out of the same exact store (its reference KLs must match)",
+    )
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="lenscache-bench-codecs-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -245,6 +250,19 @@ def main(argv: list[str] | None = None) -> dict:
             f"max dtop1 {r['max_top1_change']:.4f}  bound x{worst:.3f}",
             flush=True,
         )
+    reference = {
+        "logit_kl_per_layer": dict(zip(map(str, layers), np.round(ref_kl["logit"], 5).tolist(), strict=True)),
+        "affine_kl_per_layer": dict(
+            zip(map(str, layers), np.round(ref_kl["affine"], 5).tolist(), strict=True)
+        ),
+    }
+    merged_from = None
+    if args.merge and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text())
+        if old.get("reference") != reference or old.get("sequences") != exact.n_sequences:
+            raise SystemExit(f"--merge: {args.out} was measured on other data (reference KLs differ)")
+        results = {**old["presets"], **results}
+        merged_from = sorted(old["presets"].keys() - set(args.presets.split(",")))
     fp16_bits = results.get("fp16-zstd", {}).get("bits_per_value")
     for r in results.values():
         r["ratio_vs_fp16_zstd_store"] = round(fp16_bits / r["bits_per_value"], 3) if fp16_bits else None
@@ -264,14 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_tokens": ref.tokens,
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
         "speed_sample": {"layer": mid, "values": int(sample.numel())},
-        "reference": {
-            "logit_kl_per_layer": dict(
-                zip(map(str, layers), np.round(ref_kl["logit"], 5).tolist(), strict=True)
-            ),
-            "affine_kl_per_layer": dict(
-                zip(map(str, layers), np.round(ref_kl["affine"], 5).tolist(), strict=True)
-            ),
-        },
+        "reference": reference,
+        # presets measured by earlier runs on the same exact store and reference (--merge)
+        "merged_from": merged_from,
         "presets": results,
         "targets": {"bits_per_value": BITS_TARGET, "max_rel_kl_change": KL_TARGET},
         "meets_target": passing,
