@@ -178,22 +178,38 @@ def _to_torch(carrier: np.ndarray, storage_dtype: str, dtype: str) -> torch.Tens
 
 @dataclass
 class _Buffer:
-    """Token-major pieces waiting to be shuffled: resid (L, N, d), the rest (N, ...)."""
+    """Token-major blocks waiting to be shuffled: resid (L, N, d), the rest (N, ...).
 
-    parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    Blocks are kept as they were read, never concatenated: a minibatch gathers its rows from the
+    blocks directly, so the buffer's memory is the blocks themselves and nothing more.
+    """
+
+    parts: list[dict[str, np.ndarray]] = field(default_factory=list)
     n: int = 0
 
     def add(self, arrays: dict[str, np.ndarray]) -> None:
-        for name, value in arrays.items():
-            self.parts.setdefault(name, []).append(value)
+        self.parts.append(arrays)
         self.n += arrays["tokens"].shape[0]
 
-    def take(self) -> dict[str, np.ndarray]:
-        out = {
-            name: np.concatenate(parts, axis=1 if name == "resid" else 0)
-            for name, parts in self.parts.items()
-        }
-        self.parts, self.n = {}, 0
+    def gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows `idx` (indices into the concatenation of the parts), in that order."""
+        sizes = [part["tokens"].shape[0] for part in self.parts]
+        offsets = np.cumsum([0, *sizes])
+        which = np.searchsorted(offsets, idx, side="right") - 1
+        out: dict[str, np.ndarray] = {}
+        for name, first in self.parts[0].items():
+            axis = 1 if name == "resid" else 0
+            shape = list(first.shape)
+            shape[axis] = idx.size
+            out[name] = np.empty(shape, dtype=first.dtype)
+        for p in np.unique(which):
+            sel = np.nonzero(which == p)[0]
+            rows = idx[sel] - offsets[p]
+            for name, value in self.parts[p].items():
+                if name == "resid":
+                    out[name][:, sel] = value[:, rows]
+                else:
+                    out[name][sel] = value[rows]
         return out
 
 
@@ -337,8 +353,7 @@ class ResidualStream:
             final_fill = block is None  # end of epoch: flush everything
             if buffer.n == 0:
                 continue
-            data = buffer.take()
-            n = data["tokens"].shape[0]
+            n = buffer.n
             order = rngs[epoch].permutation(n) if spec.shuffle else np.arange(n)
             n_full = n // spec.batch_tokens
             n_out = n if final_fill else n_full * spec.batch_tokens
@@ -348,22 +363,23 @@ class ResidualStream:
                 idx = order[start : min(start + spec.batch_tokens, n_out, start + budget - emitted_tokens)]
                 emitted_tokens += idx.size
                 if index >= spec.skip_batches:
-                    yield self._minibatch(data, idx, index, epoch)
+                    yield self._minibatch(buffer.gather(idx), index, epoch)
                 index += 1
-            if n_out < n:
-                rest = order[n_out:]
-                buffer.add({k: (v[:, rest] if k == "resid" else v[rest]) for k, v in data.items()})
+            rest = buffer.gather(order[n_out:]) if n_out < n else None
+            buffer = _Buffer()
+            if rest is not None:
+                buffer.add(rest)
 
-    def _minibatch(self, data: dict[str, np.ndarray], idx: np.ndarray, index: int, epoch: int) -> Minibatch:
-        final = data.get("final")
+    def _minibatch(self, rows: dict[str, np.ndarray], index: int, epoch: int) -> Minibatch:
+        final = rows.get("final")
         return Minibatch(
             layers=self.layers,
-            resid=_to_torch(data["resid"][:, idx], self.source.storage_dtype, self.spec.dtype),
-            final=torch.from_numpy(final[idx]) if final is not None else None,
-            tokens=torch.from_numpy(data["tokens"][idx]),
-            next_tokens=torch.from_numpy(data["next_tokens"][idx]),
-            seq=torch.from_numpy(data["seq"][idx]),
-            pos=torch.from_numpy(data["pos"][idx]),
+            resid=_to_torch(rows["resid"], self.source.storage_dtype, self.spec.dtype),
+            final=torch.from_numpy(final) if final is not None else None,
+            tokens=torch.from_numpy(rows["tokens"]),
+            next_tokens=torch.from_numpy(rows["next_tokens"]),
+            seq=torch.from_numpy(rows["seq"]),
+            pos=torch.from_numpy(rows["pos"]),
             index=index,
             epoch=epoch,
         )

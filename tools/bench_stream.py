@@ -1,10 +1,11 @@
 """Streaming-reader benchmark, one run, JSON out.
 
 1. The same tuned-lens fit (same seed, same minibatches) fed from the Zarr store and fed from the
-   same data preloaded in RAM: throughput ratio (target >= 0.90).
+   same data preloaded in RAM, alternating over several rounds: throughput ratio (target >= 0.90).
 2. Read throughput of the stream alone, in MB/s of decompressed residuals.
 3. Peak RSS of a full pass over a store and over a store 4x larger (target: within 10%), each in
-   a fresh process.
+   a fresh process. The reader holds at most the shuffle buffer plus read-ahead + 1 blocks; the
+   smaller store must be larger than that for the comparison to mean anything.
 4. The fit's achieved FLOP/s as a fraction of a plain matmul's FLOP/s measured in this run; the
    fit's FLOPs are counted as the unembedding forward plus its input-gradient backward,
    4 * d_model * vocab per token per layer (the translators' own d_model^2 terms are ignored).
@@ -35,10 +36,10 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def pass_rss(url: str, buffer_tokens: int, batch_tokens: int) -> dict:
+def pass_rss(url: str, buffer_tokens: int, read_ahead: int, batch_tokens: int) -> dict:
     """One full pass over the train split (no compute): tokens, seconds, MB/s, peak RSS."""
     store = open_store(url)
-    spec = StreamSpec(batch_tokens=batch_tokens, buffer_tokens=buffer_tokens)
+    spec = StreamSpec(batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, read_ahead=read_ahead)
     stream = ResidualStream(store, spec)
     itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}.get(store.storage_dtype, 1)
     start, n, stored, delivered = time.perf_counter(), 0, 0, 0
@@ -53,6 +54,8 @@ def pass_rss(url: str, buffer_tokens: int, batch_tokens: int) -> dict:
         "tokens": n,
         "layers": len(stream.layers),
         "buffer_tokens": buffer_tokens,
+        "read_ahead": read_ahead,
+        "block_tokens": store.meta.build.seqs_per_chunk * store.seq_len,
         "seconds": round(seconds, 2),
         "decompressed_MB_per_s": round(stored / seconds / 1e6, 1),
         "float32_MB_per_s_delivered": round(delivered / seconds / 1e6, 1),
@@ -60,10 +63,10 @@ def pass_rss(url: str, buffer_tokens: int, batch_tokens: int) -> dict:
     }
 
 
-def _in_subprocess(url: str, buffer_tokens: int, batch_tokens: int) -> dict:
+def _in_subprocess(url: str, buffer_tokens: int, read_ahead: int, batch_tokens: int) -> dict:
     code = (
         "import json,sys; from lenscache.tools.bench_stream import pass_rss; "
-        f"print(json.dumps(pass_rss({url!r}, {buffer_tokens}, {batch_tokens})))"
+        f"print(json.dumps(pass_rss({url!r}, {buffer_tokens}, {read_ahead}, {batch_tokens})))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -82,7 +85,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", required=True, help="store for the fit comparison and the small RSS pass")
     ap.add_argument("--big-store", default=None, help="a store ~4x larger, for the RSS comparison")
-    ap.add_argument("--steps", type=int, default=4, help="tuned-lens steps per fit")
+    ap.add_argument("--steps", type=int, default=2, help="tuned-lens steps per fit")
+    ap.add_argument("--rounds", type=int, default=3, help="fits per source, alternating zarr/memory")
+    ap.add_argument(
+        "--rss-buffer-tokens",
+        type=int,
+        default=4096,
+        help="shuffle buffer for the RSS passes: both stores must exceed buffer + (read-ahead + 1) blocks",
+    )
+    ap.add_argument("--rss-read-ahead", type=int, default=1)
     ap.add_argument("--batch-tokens", type=int, default=512)
     ap.add_argument("--buffer-tokens", type=int, default=16384)
     ap.add_argument("--out", default="bench-results/stream.json")
@@ -100,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": meta.model.get("id"),
     }
 
-    # 1 + 4: the same fit from the store and from RAM
+    # 1 + 4: the same fit from the store and from RAM, alternating so that drift hits both alike
     spec = StreamSpec(
         batch_tokens=args.batch_tokens, buffer_tokens=args.buffer_tokens, max_tokens=args.steps * args.batch_tokens
     )
@@ -108,29 +119,35 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     memory = MemorySource(store, stream.layers, stream.seqs)
     preload_s = time.perf_counter() - t
-    timings = {}
-    lenses = {}
+    timings = {"zarr": 0.0, "memory": 0.0}
+    same = True
     with tempfile.TemporaryDirectory() as tmp:
-        for name, source in (("zarr", None), ("memory", memory)):
-            t = time.perf_counter()
-            lenses[name] = fit_tuned(
-                store, Path(tmp) / name, spec, TunedConfig(checkpoint_every=0), progress=False, source=source
-            )
-            timings[name] = time.perf_counter() - t
-            print(f"fit fed from {name}: {timings[name]:.1f} s", flush=True)
-    tokens = args.steps * args.batch_tokens
+        for r in range(args.rounds):
+            order = (("zarr", None), ("memory", memory))
+            weights = {}
+            for name, source in order if r % 2 == 0 else order[::-1]:
+                t = time.perf_counter()
+                lens = fit_tuned(
+                    store, Path(tmp) / name, spec, TunedConfig(checkpoint_every=0), progress=False, source=source
+                )
+                timings[name] += time.perf_counter() - t
+                weights[name] = lens.weight.detach()
+            same = same and bool(torch.equal(weights["zarr"], weights["memory"]))
+            print(f"round {r}: zarr {timings['zarr']:.1f} s, memory {timings['memory']:.1f} s (cumulative)", flush=True)
+    tokens = args.rounds * args.steps * args.batch_tokens
     n_layers = len(stream.layers)
     fit_flops = 4 * meta.d_model * meta.vocab_size * n_layers * tokens / timings["zarr"]
     mm = matmul_flops(meta.d_model, meta.vocab_size, args.batch_tokens)
     result["fit"] = {
-        "steps": args.steps,
+        "rounds": args.rounds,
+        "steps_per_fit": args.steps,
         "batch_tokens": args.batch_tokens,
         "layers": n_layers,
         "seconds_zarr": round(timings["zarr"], 2),
         "seconds_memory": round(timings["memory"], 2),
         "preload_seconds": round(preload_s, 2),
         "throughput_ratio_zarr_over_memory": round(timings["memory"] / timings["zarr"], 4),
-        "same_result": bool(torch.equal(lenses["zarr"].weight, lenses["memory"].weight)),
+        "same_result": same,
         "fit_GFLOP_per_s": round(fit_flops / 1e9, 1),
         "matmul_GFLOP_per_s": round(mm / 1e9, 1),
         "fit_fraction_of_matmul": round(fit_flops / mm, 3),
@@ -138,10 +155,10 @@ def main(argv: list[str] | None = None) -> dict:
     del memory
 
     # 2 + 3: read throughput and peak RSS, each store in a fresh process
-    small = _in_subprocess(args.store, args.buffer_tokens, args.batch_tokens)
+    small = _in_subprocess(args.store, args.rss_buffer_tokens, args.rss_read_ahead, args.batch_tokens)
     result["read"] = small
     if args.big_store:
-        big = _in_subprocess(args.big_store, args.buffer_tokens, args.batch_tokens)
+        big = _in_subprocess(args.big_store, args.rss_buffer_tokens, args.rss_read_ahead, args.batch_tokens)
         result["rss"] = {
             "small": small,
             "big": big,
