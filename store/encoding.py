@@ -3,6 +3,10 @@
 Zarr has no bfloat16, so bfloat16 values are stored as their raw 16 bits in a uint16 array that
 carries the attribute ``lenscache_dtype: bfloat16``; `decode` turns any stored block back into
 float32. Every preset ends with zarr's crc32c codec, so a flipped bit fails loudly on read.
+
+Lossy presets (``quant`` set) round or quantize in the build's encode step (`lenscache.quant`) and
+declare their per-value error bound (`CodecPreset.error_bound`, recorded in the store metadata);
+docs/codecs.md compares them all on SmolLM2.
 """
 
 from __future__ import annotations

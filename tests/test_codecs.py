@@ -239,3 +239,21 @@ def test_streaming_reader_decodes_block_scaled_store(llama_dir, text_file, tmp_p
     np.testing.assert_array_equal(batch.resid.numpy(), expected)
     mem = MemorySource(store, layers, range(0, store.n_sequences))
     np.testing.assert_array_equal(mem.resid, np.stack([store.resid(layer) for layer in layers]))
+
+
+def test_cli_build_with_recommended_lossy_preset_then_verify_and_info(llama_dir, text_file, tmp_path):
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "lenscache.tools.cli"]
+    out = tmp_path / "cli.zarr"
+    r = subprocess.run(
+        [*cli, "build", "--model", str(llama_dir), "--data", str(text_file), "--out", str(out),
+         "--seq-len", str(SEQ), "--max-tokens", str(SEQ * 4), "--codec", "int8rms10l16-zstd", "--no-progress"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cli, "verify", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([*cli, "info", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and "int8rms10l16-zstd" in r.stdout and "resid_scale" in r.stdout
