@@ -31,7 +31,7 @@ from lenscache.errors import LensCacheError
 from lenscache.reader import Store, open_store
 
 from .lens import Lens
-from .stream import split_sequences
+from .stream import chunk_aligned_blocks, split_sequences
 
 RIDGE_GRID = (1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # relative to the mean variance of x
 
@@ -112,14 +112,8 @@ def _merge(a: Moments, b: Moments) -> Moments:
     return a.merge(b)
 
 
-def _blocks(store: Store, seqs: range) -> list[tuple[int, int]]:
-    per = store.meta.build.seqs_per_chunk
-    edges = sorted({seqs.start, seqs.stop, *range((seqs.start // per + 1) * per, seqs.stop, per)})
-    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=False) if b > a]
-
-
 def _fold(store: Store, seqs: range, layers: list[int], partitions: int) -> dask.delayed:
-    blocks = _blocks(store, seqs)
+    blocks = [(b.start, b.stop) for b in chunk_aligned_blocks(seqs, store.meta.build.seqs_per_chunk)]
     if not blocks:
         return None
     bag = dask.bag.from_sequence(blocks, npartitions=min(len(blocks), partitions))

@@ -64,6 +64,13 @@ def split_sequences(n_sequences: int, held_out_fraction: float = 0.1) -> Split:
     return Split(train=range(0, cut), held_out=range(cut, n_sequences))
 
 
+def chunk_aligned_blocks(seqs: range, seqs_per_chunk: int) -> list[range]:
+    """`seqs` cut at multiples of `seqs_per_chunk`, so that each block reads whole chunks only."""
+    per, start, stop = seqs_per_chunk, seqs.start, seqs.stop
+    edges = sorted({start, stop, *range((start // per + 1) * per, stop, per)})
+    return [range(a, b) for a, b in zip(edges[:-1], edges[1:], strict=False) if b > a]
+
+
 @dataclass
 class StreamSpec:
     """What to stream and how. Defaults suit fitting a lens on every layer of a ~100M model."""
@@ -240,10 +247,7 @@ class ResidualStream:
     # ---- the schedule: pure function of the store's shape and the spec ---------------------------
     def blocks(self) -> list[range]:
         """The split's sequences cut at the store's chunk boundaries."""
-        per = self.store.meta.build.seqs_per_chunk
-        start, stop = self.seqs.start, self.seqs.stop
-        edges = sorted({start, stop, *range((start // per + 1) * per, stop, per)})
-        return [range(a, b) for a, b in zip(edges[:-1], edges[1:], strict=False)]
+        return chunk_aligned_blocks(self.seqs, self.store.meta.build.seqs_per_chunk)
 
     def tokens_per_epoch(self) -> int:
         return len(self.seqs) * self.store.seq_len
