@@ -257,3 +257,16 @@ def test_cli_build_with_recommended_lossy_preset_then_verify_and_info(llama_dir,
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run([*cli, "info", str(out)], capture_output=True, text=True)
     assert r.returncode == 0 and "int8rms10l16-zstd" in r.stdout and "resid_scale" in r.stdout
+
+
+def test_block_preset_with_full_logits_and_a_layer_subset(llama_dir, text_file, exact_store, tmp_path):
+    out = tmp_path / "fl.zarr"
+    build_store(_config(llama_dir, text_file, out, codec="int8b32-zstd", full_logits=True, layers=[1, 2]))
+    assert verify_store(out).ok
+    store = open_store(out)
+    assert store.layers == [1, 2] and store.arrays["logits"].dtype == np.uint16  # bfloat16 logits
+    logits = store.logits()
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+    np.testing.assert_array_equal(store.final_resid(), exact_store.final_resid())
+    err = np.abs(store.resid(1).astype(np.float64) - exact_store.resid(1))
+    assert (err <= bound("int8b32-zstd", exact_store.resid(1))).all()
