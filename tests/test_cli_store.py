@@ -157,3 +157,20 @@ def test_reader_values_match_raw_bits(built):
     raw = store.arrays["resid"][1, :2]
     decoded = store.resid(1, slice(0, 2))
     np.testing.assert_array_equal((raw.astype(np.uint32) << 16).view(np.float32), decoded)
+
+
+def test_fit_and_eval_name_a_corrupt_chunk(built, tmp_path):
+    store = copy_store(built, tmp_path / "bad-fit.zarr")
+    chunk = store / "resid" / "c" / "2" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    for args in (
+        ("fit", str(store), "--out", str(tmp_path / "lens"), "--lens", "affine"),
+        ("fit", str(store), "--out", str(tmp_path / "lens2"), "--lens", "tuned", "--no-progress"),
+        ("eval", str(store), "--split", "all", "--out", str(tmp_path / "report"), "--no-progress"),
+    ):
+        r = run(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "array 'resid': chunk (2, 1, 0, 0) is corrupt" in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "lens" / "lens.json").exists() and not (tmp_path / "report").exists()
