@@ -181,7 +181,7 @@ PRESETS: dict[str, CodecPreset] = {
             "int8rms10l16-zstd",
             "int8",
             "int8 with one bfloat16 scale per 32 values, scale = max(absmax/127, token RMS/10), "
-            "RMS/16 for the last 4 blocks' outputs (where lens KLs are smallest), zstd",
+            "RMS/16 at boundaries >= n_layers - 4 (where lens KLs are smallest), zstd",
             quant="block",
             bits=8,
             rms_step=1 / 10,
