@@ -122,6 +122,7 @@ class StoreWriter:
         self.group = group
         self.counter = counter
         self.meta = meta
+        self._arrays: dict[str, zarr.Array] = {}
 
     @classmethod
     def create(
@@ -190,11 +191,19 @@ class StoreWriter:
     def write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Write sequences [start, start + n) of every per-sequence array (resid's axis 1)."""
         for name, block in arrays.items():
-            arr = self.group[name]
+            arr = self._row_array(name)
             if name in (RESID, RESID_SCALE):
                 arr[:, start : start + block.shape[1]] = block
             else:
                 arr[start : start + block.shape[0]] = block
+
+    def _row_array(self, name: str) -> zarr.Array:
+        # Every committed chunk is written, even one equal to the fill value: verify expects each
+        # committed chunk on disk, and it skips zarr's scan of every chunk for "all fill" (a full
+        # extra pass over the row, about 0.2 s per 4,096 SmolLM2 tokens).
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
+        return self._arrays[name]
 
     def commit(self, committed: int) -> None:
         self.meta.build.committed = committed

@@ -244,6 +244,12 @@ def encode(x: torch.Tensor, dtype: str) -> np.ndarray:
     return x.to(_TORCH[dtype]).numpy()
 
 
+def encode_into(out: np.ndarray, x: torch.Tensor, dtype: str) -> None:
+    """`out[...] = encode(x, dtype)` without the intermediate array (same rounding)."""
+    dst = torch.from_numpy(out.view(np.int16) if dtype == "bfloat16" else out)
+    (dst.view(torch.bfloat16) if dtype == "bfloat16" else dst).copy_(x)
+
+
 def decode(raw: np.ndarray, dtype: str) -> np.ndarray:
     """A stored block as float32."""
     if dtype == "bfloat16":

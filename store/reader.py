@@ -77,7 +77,9 @@ class Store:
         consolidated = (location.root_document(url).get("consolidated_metadata") or {}).get("metadata") or {}
         bad = sorted(name for name in consolidated if location.unsafe_member(name))
         if bad:
-            raise StoreError(f"store {url} lists members outside the store ({', '.join(bad)}); refusing to open it")
+            raise StoreError(
+                f"store {url} lists members outside the store ({', '.join(bad)}); refusing to open it"
+            )
         try:
             self.group = zarr.open_group(
                 store=location.zarr_store(url, read_only=True), mode="r", use_consolidated=False

@@ -16,7 +16,7 @@ import torch
 from tiny_models import FAMILIES, TRAIN_TEXT, make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from lenscache.cache.build import BuildConfig, build_store
+from lenscache.cache.build import BuildConfig, build_store, topk_rows
 from lenscache.cache.model import ModelSpec
 from lenscache.cache.text import DataSpec
 from lenscache.errors import DataError, ModelError, ResumeMismatch, StoreError
@@ -311,3 +311,39 @@ def test_non_finite_activations_are_refused(llama_dir, text_file, tmp_path):
     with pytest.raises(ModelError, match=r"non-finite \(NaN/inf\) logits"):
         build_store(config(broken, text_file, tmp_path / "n.zarr"))
     assert not (tmp_path / "n.zarr").exists()
+
+
+def test_all_zero_chunks_are_written_and_verify(llama_dir, text_file, tmp_path):
+    """A chunk equal to the fill value is still a committed chunk: it is written, and verify passes."""
+    zeroed = tmp_path / "zero-embeddings"
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.zero_()
+    model.save_pretrained(zeroed)
+    for f in llama_dir.glob("tokenizer*"):
+        (zeroed / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "z.zarr"
+    build_store(config(zeroed, text_file, out, seqs_per_chunk=2))
+    store = open_store(out)
+    assert not store.resid(0).any()  # boundary 0 is the (zero) embedding output
+    report = verify_store(out)
+    assert report.ok, report.problems
+
+
+def test_fast_topk_matches_torch_topk():
+    gen = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(64, 49152, generator=gen) * 4,  # the SmolLM2 shape
+        torch.randint(-3, 3, (32, 9000), generator=gen).float(),  # many ties, ragged last piece
+        torch.randn(8, 300, generator=gen),  # too few pieces: torch's own topk
+    ]
+    cases[0][5, 49151] = 1e3  # the maximum in the last piece
+    cases[0][6, :] = float("-inf")
+    cases[0][6, 7] = 0.0
+    for rows in cases:
+        for k in (1, 16):
+            values, ids = topk_rows(rows, k)
+            ref = rows.topk(k, dim=-1).values
+            assert torch.equal(values, ref)
+            assert torch.equal(rows.gather(1, ids), values)
+            assert all(len(set(r.tolist())) == k for r in ids)  # k distinct entries per row
