@@ -103,8 +103,9 @@ def block_dequantize(q: np.ndarray, scale_bits: np.ndarray, block: int) -> np.nd
     """Inverse of `block_quantize` (up to the declared error): float32 (..., d)."""
     *lead, d = q.shape
     nb = scale_bits.shape[-1]
-    scale = _bf16_to_float(torch.from_numpy(np.ascontiguousarray(scale_bits).view(np.int16)))
-    qt = torch.from_numpy(np.ascontiguousarray(q))
+    # torch wants writable arrays (read-only ones, e.g. a reader's cached block, are copied)
+    scale = _bf16_to_float(torch.from_numpy(np.require(scale_bits, requirements=("C", "W")).view(np.int16)))
+    qt = torch.from_numpy(np.require(q, requirements=("C", "W")))
     if nb * block == d:
         out = qt.reshape(*lead, nb, block).to(torch.float32)
         out.mul_(scale.unsqueeze(-1))

@@ -13,9 +13,10 @@ and writer, so every store holds exactly the same activations. For each preset:
   error to the declared bound;
 - encode and decode MB/s of float32 input on one core (torch and blosc limited to one thread):
   quantize + compress one chunk of ``resid``, and decompress + dequantize it;
-- per-layer logit-lens KL and top-1 agreement, and per-layer affine-lens KL (the lens is fitted
-  once on the exact store, then evaluated on each store), all on the held-out split, and their
-  relative change versus the exact store.
+- per-layer logit-lens KL and top-1 agreement, and per-layer affine-lens and tuned-lens KL (the
+  lenses are fitted once on the exact store, then evaluated on each store; the tuned lens is the
+  paper's KL recipe started from the affine lens, `--tuned-steps` steps), all on the held-out
+  split, and their relative change versus the exact store.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from lenscache.cache.text import DataSpec
 from lenscache.cache.writer import StoreWriter
 from lenscache.encoding import BLOSC_BLOCKSIZE, PRESETS, CodecPreset, decode
 from lenscache.fit.affine import fit_affine
-from lenscache.fit.stream import split_sequences
+from lenscache.fit.stream import StreamSpec, split_sequences
+from lenscache.fit.tuned import TunedConfig, fit_tuned
 from lenscache.reader import Store, open_store
 from lenscache.schema import HEAD, QUANT_SCHEMA_VERSION, RESID, RESID_SCALE, StoreMeta
 
@@ -170,6 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seqs", type=int, default=18, help="sequences (the last 10%% are held out)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=1024)
+    ap.add_argument(
+        "--tuned-steps", type=int, default=8, help="KL steps of the tuned lens, from the affine lens"
+    )
+    ap.add_argument("--tuned-batch-tokens", type=int, default=256)
     ap.add_argument("--exact-store", default=None, help="reuse this fp32-zstd store instead of building one")
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--work", default=None, help="where the stores go (default: a temporary directory)")
@@ -199,10 +205,23 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     affine = fit_affine(exact, max_sequences=train)
     print(f"affine lens fitted on the exact store ({time.perf_counter() - t:.0f} s)", flush=True)
-    ref = evaluate(exact, {"affine": affine}, max_tokens=args.eval_tokens, progress=False)
+    t = time.perf_counter()
+    spec = StreamSpec(
+        batch_tokens=args.tuned_batch_tokens,
+        max_tokens=args.tuned_steps * args.tuned_batch_tokens,
+        max_sequences=train,
+        seed=0,
+    )
+    tuned = fit_tuned(
+        exact, work / "tuned", spec, TunedConfig(checkpoint_every=0), init=affine, progress=False
+    )
+    print(f"tuned lens fitted on the exact store ({time.perf_counter() - t:.0f} s)", flush=True)
+    lenses = {"affine": affine, "tuned": tuned}
+    names = ("logit", *lenses)
+    ref = evaluate(exact, lenses, max_tokens=args.eval_tokens, progress=False)
     layers = [layer for layer in ref.layers if layer != exact.meta.n_layers]
     idx = [ref.layers.index(layer) for layer in layers]
-    ref_kl = {lens: per_layer(ref, lens, "kl")[idx] for lens in ("logit", "affine")}
+    ref_kl = {lens: per_layer(ref, lens, "kl")[idx] for lens in names}
     ref_top1 = per_layer(ref, "logit", "top1_agreement")[idx]
 
     mid = exact.layers[len(exact.layers) // 2]
@@ -216,9 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
         rep = (
             ref
             if name == "fp32-zstd"
-            else evaluate(store, {"affine": affine}, max_tokens=args.eval_tokens, progress=False)
+            else evaluate(store, lenses, max_tokens=args.eval_tokens, progress=False)
         )
-        kl = {lens: per_layer(rep, lens, "kl")[idx] for lens in ("logit", "affine")}
+        kl = {lens: per_layer(rep, lens, "kl")[idx] for lens in names}
         top1 = per_layer(rep, "logit", "top1_agreement")[idx]
         rel_l2, worst = errors(store, exact, preset)
         bits = resid_bits(store)
@@ -234,9 +253,12 @@ def main(argv: list[str] | None = None) -> dict:
             "worst_error_over_bound": round(worst, 4),
             **speed(preset, sample, exact.meta),
             "logit_kl_per_layer": dict(zip(map(str, layers), np.round(kl["logit"], 5).tolist(), strict=True)),
-            "affine_kl_per_layer": dict(
-                zip(map(str, layers), np.round(kl["affine"], 5).tolist(), strict=True)
-            ),
+            **{
+                f"{lens}_kl_per_layer": dict(
+                    zip(map(str, layers), np.round(kl[lens], 5).tolist(), strict=True)
+                )
+                for lens in lenses
+            },
             "logit_top1_per_layer": dict(zip(map(str, layers), np.round(top1, 5).tolist(), strict=True)),
             "max_rel_kl_change": {lens: float(f"{v.max():.4g}") for lens, v in change.items()},
             "max_top1_change": float(f"{np.abs(top1 - ref_top1).max():.4g}"),
@@ -246,15 +268,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{name:14s} {bits:6.3f} bits/value  {16 / bits:5.2f}x vs fp16  rel L2 max {r['rel_l2_error_max']:.3g}  "
             f"enc {r['encode_mb_s']:7.1f} MB/s  dec {r['decode_mb_s']:7.1f} MB/s  "
-            f"max dKL logit {r['max_rel_kl_change']['logit']:.3%} affine {r['max_rel_kl_change']['affine']:.3%}  "
+            f"max dKL logit {r['max_rel_kl_change']['logit']:.3%} affine {r['max_rel_kl_change']['affine']:.3%} "
+            f"tuned {r['max_rel_kl_change']['tuned']:.3%}  "
             f"max dtop1 {r['max_top1_change']:.4f}  bound x{worst:.3f}",
             flush=True,
         )
     reference = {
         "logit_kl_per_layer": dict(zip(map(str, layers), np.round(ref_kl["logit"], 5).tolist(), strict=True)),
-        "affine_kl_per_layer": dict(
-            zip(map(str, layers), np.round(ref_kl["affine"], 5).tolist(), strict=True)
-        ),
+        **{
+            f"{lens}_kl_per_layer": dict(
+                zip(map(str, layers), np.round(ref_kl[lens], 5).tolist(), strict=True)
+            )
+            for lens in lenses
+        },
     }
     merged_from = None
     if args.merge and Path(args.out).exists():
@@ -279,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sequences": exact.n_sequences,
         "seq_len": exact.seq_len,
         "train_sequences": train,
+        "tuned_lens": {"init": "affine", "steps": args.tuned_steps, "batch_tokens": args.tuned_batch_tokens},
         "eval_tokens": ref.tokens,
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
         "speed_sample": {"layer": mid, "values": int(sample.numel())},
