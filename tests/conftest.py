@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import FAMILIES, make_tiny_model  # noqa: E402
+from tiny_models import FAMILIES, TRAIN_TEXT, make_tiny_model  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -59,3 +59,11 @@ def smollm2_dir() -> Path:
 
 
 __all__ = ["FAMILIES"]
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """A small plain-text corpus for tiny-model builds."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n\n".join(TRAIN_TEXT * 6), encoding="utf-8")
+    return path

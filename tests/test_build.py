@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import FAMILIES, TRAIN_TEXT, make_tiny_model
+from tiny_models import FAMILIES, make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from lenscache.cache.build import BuildConfig, build_store, topk_rows
@@ -24,13 +24,6 @@ from lenscache.reader import open_store
 from lenscache.verify import verify_store
 
 SEQ = 16
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n\n".join(TRAIN_TEXT * 6), encoding="utf-8")
-    return path
 
 
 def config(model_dir: Path, text: Path, out, **kw) -> BuildConfig:

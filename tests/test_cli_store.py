@@ -60,6 +60,12 @@ def test_info_reports_contents_and_provenance(built):
     assert info["bytes_per_token_per_layer"] > 0
 
 
+def flip_byte(chunk: Path) -> None:
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
 def test_verify_clean_store_exits_zero(built):
     r = run("verify", str(built))
     assert r.returncode == 0 and "clean" in r.stdout
@@ -67,10 +73,7 @@ def test_verify_clean_store_exits_zero(built):
 
 def test_flipped_byte_is_named_by_verify_and_reader(built, tmp_path):
     store = copy_store(built, tmp_path / "bad.zarr")
-    chunk = store / "resid" / "c" / "2" / "1" / "0" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    chunk.write_bytes(bytes(data))
+    flip_byte(store / "resid" / "c" / "2" / "1" / "0" / "0")
     r = run("verify", str(store))
     assert r.returncode == 1
     assert "array 'resid': chunk (2, 1, 0, 0) is corrupt" in r.stdout
@@ -161,10 +164,7 @@ def test_reader_values_match_raw_bits(built):
 
 def test_fit_and_eval_name_a_corrupt_chunk(built, tmp_path):
     store = copy_store(built, tmp_path / "bad-fit.zarr")
-    chunk = store / "resid" / "c" / "2" / "1" / "0" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    chunk.write_bytes(bytes(data))
+    flip_byte(store / "resid" / "c" / "2" / "1" / "0" / "0")
     for args in (
         ("fit", str(store), "--out", str(tmp_path / "lens"), "--lens", "affine"),
         ("fit", str(store), "--out", str(tmp_path / "lens2"), "--lens", "tuned", "--no-progress"),

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tiny_models import TRAIN_TEXT
 
 from lenscache import quant
 from lenscache.cache.build import BuildConfig, build_store
@@ -163,13 +162,6 @@ def test_block_encode_row_shapes():
 
 
 # ---- end to end -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n\n".join(TRAIN_TEXT * 6), encoding="utf-8")
-    return path
 
 
 def _config(model_dir: Path, text: Path, out, **kw) -> BuildConfig:

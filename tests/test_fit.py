@@ -199,7 +199,9 @@ def test_eval_metrics_match_a_direct_computation(store):
     row = report.lenses["logit"][1]
     assert row["kl"] == pytest.approx(float(kl), rel=1e-4)
     assert row["ce"] == pytest.approx(float(ce), rel=1e-4)
-    assert row["top1_agreement"] == pytest.approx(float((logp.argmax(-1) == final.argmax(-1)).double().mean()))
+    assert row["top1_agreement"] == pytest.approx(
+        float((logp.argmax(-1) == final.argmax(-1)).double().mean())
+    )
     assert report.tokens == len(held) * SEQ
 
 
@@ -212,7 +214,9 @@ def test_affine_lens_is_the_least_squares_solution(store):
         x1 = np.hstack([x, np.ones((x.shape[0], 1))])
         coef, *_ = np.linalg.lstsq(x1, y, rcond=None)
         a, c = coef[:-1].T, coef[-1]
-        np.testing.assert_allclose(lens.weight[i].detach().double().numpy() + np.eye(store.d_model), a, atol=2e-3)
+        np.testing.assert_allclose(
+            lens.weight[i].detach().double().numpy() + np.eye(store.d_model), a, atol=2e-3
+        )
         np.testing.assert_allclose(lens.bias[i].detach().double().numpy(), c, atol=2e-3)
     # moments merged across blocks equal the moments of all data at once (float64)
     m = stream_moments(store, range(0, 12), [2], partitions=3)
@@ -262,10 +266,14 @@ def test_lens_fitted_on_another_model_is_refused(store, tmp_path, tiny_model_fac
 
 def test_cli_fit_and_eval_write_lens_and_report(store_path, tmp_path):
     lens_dir = tmp_path / "affine"
-    done = subprocess.run([*CLI, "fit", store_path, "--out", str(lens_dir), "--lens", "affine"], capture_output=True, text=True)
+    done = subprocess.run(
+        [*CLI, "fit", store_path, "--out", str(lens_dir), "--lens", "affine"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     before = (lens_dir / "lens.safetensors").read_bytes()
-    again = subprocess.run([*CLI, "fit", store_path, "--out", str(lens_dir), "--lens", "logit"], capture_output=True, text=True)
+    again = subprocess.run(
+        [*CLI, "fit", store_path, "--out", str(lens_dir), "--lens", "logit"], capture_output=True, text=True
+    )
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert (lens_dir / "lens.safetensors").read_bytes() == before
     report = tmp_path / "report"
@@ -282,17 +290,31 @@ def test_cli_fit_and_eval_write_lens_and_report(store_path, tmp_path):
 
 
 def test_killed_fit_resumes_from_its_checkpoint(store_path, tmp_path):
-    args = ["--batch-tokens", "16", "--epochs", "20", "--checkpoint-every", "5", "--no-progress", "--layers", "0,2"]
+    args = [
+        "--batch-tokens",
+        "16",
+        "--epochs",
+        "20",
+        "--checkpoint-every",
+        "5",
+        "--no-progress",
+        "--layers",
+        "0,2",
+    ]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     proc = subprocess.Popen([*CLI, "fit", store_path, "--out", str(killed), *args], stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (killed / "checkpoint" / "state.json").exists() and proc.poll() is None and time.time() < deadline:
+    while (
+        not (killed / "checkpoint" / "state.json").exists() and proc.poll() is None and time.time() < deadline
+    ):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = json.loads((killed / "checkpoint" / "state.json").read_text())
     assert not (killed / "lens.json").exists(), "the fit finished before the kill: make it longer"
-    resumed = subprocess.run([*CLI, "fit", store_path, "--out", str(killed), *args, "--resume"], capture_output=True, text=True)
+    resumed = subprocess.run(
+        [*CLI, "fit", store_path, "--out", str(killed), *args, "--resume"], capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     subprocess.run([*CLI, "fit", store_path, "--out", str(clean), *args], check=True, capture_output=True)
     a, b = Lens.load(killed), Lens.load(clean)
@@ -310,7 +332,9 @@ def test_affine_moments_reduce_the_same_on_a_distributed_cluster(store):
     distributed = pytest.importorskip("distributed")  # in the test extra; users need it only for clusters
 
     local = fit_affine(store, ridge=1e-3)
-    with distributed.Client(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None) as client:
+    with distributed.Client(
+        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+    ) as client:
         with distributed.get_task_stream(client) as tasks:
             remote = fit_affine(store, ridge=1e-3)
     assert len(tasks.data) > 0  # the moments were computed by the cluster's workers

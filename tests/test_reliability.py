@@ -24,7 +24,9 @@ from lenscache.verify import verify_store
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("rel") / "corpus.txt"
-    path.write_text("\n\n".join(f"Document {i}: " + "the quick brown fox jumps. " * (i % 7 + 3) for i in range(300)))
+    path.write_text(
+        "\n\n".join(f"Document {i}: " + "the quick brown fox jumps. " * (i % 7 + 3) for i in range(300))
+    )
     return path
 
 
