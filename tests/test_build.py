@@ -33,6 +33,17 @@ def config(model_dir: Path, text: Path, out, **kw) -> BuildConfig:
     return BuildConfig(out=str(out), model=ModelSpec(str(model_dir)), data=DataSpec(str(text)), **kw)
 
 
+def edited_model(src: Path, out: Path, edit) -> Path:
+    """A copy of the model in `src` (weights changed in place by `edit(model)`) with its tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        edit(model)
+    model.save_pretrained(out)
+    for f in src.glob("tokenizer*"):
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
 def reference(model_dir: Path, tokens: np.ndarray):
     """The model's own hidden states and log-probs for the stored tokens, computed independently."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -120,13 +131,8 @@ def test_fsspec_memory_store(llama_dir, text_file):
 
 def test_fp16_overflow_names_layer_and_position(tiny_model_factory, text_file, tmp_path):
     model_dir = tiny_model_factory("llama")
-    big = tmp_path / "big"
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(1e9)  # every entry beyond float16
-    model.save_pretrained(big)
-    for f in model_dir.glob("tokenizer*"):
-        (big / f.name).write_bytes(f.read_bytes())
+    # every entry beyond float16
+    big = edited_model(model_dir, tmp_path / "big", lambda m: m.model.embed_tokens.weight.mul_(1e9))
     with pytest.raises(DataError, match=r"float16 overflow at layer 0, sequence 0, position 0.*bf16"):
         build_store(config(big, text_file, tmp_path / "o.zarr", codec="fp16-zstd"))
 
@@ -294,31 +300,32 @@ def test_unsupported_architecture_names_what_is_missing():
 
 
 def test_non_finite_activations_are_refused(llama_dir, text_file, tmp_path):
-    broken = tmp_path / "nan-model"
-    model = AutoModelForCausalLM.from_pretrained(llama_dir)
-    with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
-    for f in llama_dir.glob("tokenizer*"):
-        (broken / f.name).write_bytes(f.read_bytes())
+    broken = edited_model(
+        llama_dir,
+        tmp_path / "nan-model",
+        lambda m: m.model.layers[1].mlp.down_proj.weight.fill_(float("nan")),
+    )
     with pytest.raises(ModelError, match=r"non-finite \(NaN/inf\) logits"):
         build_store(config(broken, text_file, tmp_path / "n.zarr"))
     assert not (tmp_path / "n.zarr").exists()
 
 
-def test_all_zero_chunks_are_written_and_verify(llama_dir, text_file, tmp_path):
-    """A chunk equal to the fill value is still a committed chunk: it is written, and verify passes."""
-    zeroed = tmp_path / "zero-embeddings"
-    model = AutoModelForCausalLM.from_pretrained(llama_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.zero_()
-    model.save_pretrained(zeroed)
-    for f in llama_dir.glob("tokenizer*"):
-        (zeroed / f.name).write_bytes(f.read_bytes())
+def test_all_zero_chunks_are_written_and_verify(llama_dir, gpt2_dir, text_file, tmp_path):
+    """A chunk equal to the fill value is still a written chunk: it is on disk, and verify passes."""
+    zeroed = edited_model(
+        llama_dir, tmp_path / "zero-embeddings", lambda m: m.get_input_embeddings().weight.zero_()
+    )
     out = tmp_path / "z.zarr"
     build_store(config(zeroed, text_file, out, seqs_per_chunk=2))
-    store = open_store(out)
-    assert not store.resid(0).any()  # boundary 0 is the (zero) embedding output
+    assert not open_store(out).resid(0).any()  # boundary 0 is the (zero) embedding output
+    report = verify_store(out)
+    assert report.ok, report.problems
+
+    # a zero final-norm bias (Hugging Face's initialisation of LayerNorm) is a head array of zeros
+    zero_bias = edited_model(gpt2_dir, tmp_path / "zero-norm-bias", lambda m: m.transformer.ln_f.bias.zero_())
+    out = tmp_path / "b.zarr"
+    build_store(config(zero_bias, text_file, out))
+    assert open_store(out).meta.head.has_norm_bias
     report = verify_store(out)
     assert report.ok, report.problems
 
