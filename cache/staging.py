@@ -100,12 +100,17 @@ class RowEncoder:
         self._buffer: np.ndarray | None = None
 
     def _encode_resid(
-        self, x: torch.Tensor, boundary: int, row_start: int
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """One boundary's block -> (resid carrier, block scales or None), refusing what cannot be stored."""
+        self, out: np.ndarray, x: torch.Tensor, boundary: int, row_start: int
+    ) -> np.ndarray | None:
+        """One boundary's block into `out` (its resid carrier); returns its block scales or None.
+
+        Refuses what cannot be stored (non-finite values, overflow), naming layer and position.
+        """
         p = self.preset
         if p.quant is None:
-            return self._checked(x, boundary, row_start), None
+            self._check_range(x, boundary, row_start)
+            encode_into(out, x, self.dtype)
+            return None
         self._check_finite(x, boundary, row_start)
         if p.quant == "bitround":
             # rounding up past the largest float32 would give inf; refuse like float16 overflow
@@ -116,8 +121,11 @@ class RowEncoder:
                     f"overflow at layer {boundary}, sequence {row_start + seq}, position {pos}: rounding "
                     f"to {p.keepbits} mantissa bits exceeds float32's range; use --codec fp32-zstd"
                 )
-            return quant.bitround(x, p.keepbits), None
-        return quant.block_quantize(x, p.bits, p.block, p.rms_step_for(boundary, self.meta.n_layers))
+            out[...] = quant.bitround(x, p.keepbits)
+            return None
+        q, scale = quant.block_quantize(x, p.bits, p.block, p.rms_step_for(boundary, self.meta.n_layers))
+        out[...] = q
+        return scale
 
     def _check_finite(self, x: torch.Tensor, boundary: int | str, row_start: int) -> None:
         # One reduction finds any NaN/inf (they propagate through a sum); locate only on failure
@@ -159,19 +167,11 @@ class RowEncoder:
         out: dict[str, np.ndarray] = {}
         n = sum(b.n for b in batches)
         first = batches[0].states[0] if batches[0].states else batches[0].final
-        resid = scales = None
+        resid = self._row_buffer((len(meta.layers), n, *first.shape[1:]), np.dtype(CARRIER[self.dtype]))
+        scales = None
         for li, boundary in enumerate(meta.layers):
             x = torch.cat([b.states[li] for b in batches]) if len(batches) > 1 else batches[0].states[li]
-            shape = (len(meta.layers), n, *first.shape[1:])
-            if self.preset.quant is None:  # lossless: convert straight into the row buffer
-                self._check_range(x, boundary, row_start)
-                resid = self._row_buffer(shape, np.dtype(CARRIER[self.dtype]))
-                encode_into(resid[li], x, self.dtype)
-                continue
-            block, scale = self._encode_resid(x, boundary, row_start)
-            if resid is None:
-                resid = self._row_buffer(shape, block.dtype)
-            resid[li] = block
+            scale = self._encode_resid(resid[li], x, boundary, row_start)
             if scale is not None:
                 if scales is None:
                     scales = np.empty((len(meta.layers), *scale.shape), dtype=scale.dtype)
