@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lenscache.cache.build import DEFAULT_TOKENS_PER_BATCH, BuildConfig, build_store
+from lenscache.cache.host_memory import keep_freed_memory
 from lenscache.cache.model import ModelSpec, load_model
 from lenscache.cache.text import DataSpec, pack_tokens
 from lenscache.tools.inspect_store import describe
@@ -66,9 +67,9 @@ def child_build(tokens: int, seq_len: int, out: str) -> dict:
     }
 
 
-def run_child(tokens: int, seq_len: int, out: str) -> dict:
+def run_child(tokens: int, seq_len: int, out: str, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "lenscache.tools.bench_build", "--child", "--tokens", str(tokens),
-           "--seq-len", str(seq_len), "--store", out]  # fmt: skip
+           "--seq-len", str(seq_len), "--store", out, *extra]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -82,9 +83,16 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rss-tokens", type=int, default=4096, help="N for the memory comparison (N vs 4N)")
     ap.add_argument("--out", default="bench-results/build.json")
+    ap.add_argument(
+        "--glibc-default-malloc",
+        action="store_true",
+        help="skip keep_freed_memory() (what `lenscache build` applies), to measure its effect",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # As `lenscache build` does, before anything is timed: both sides run with the same allocator.
+    allocator_tuned = False if args.glibc_default_malloc else keep_freed_memory()
     if args.child:
         print(json.dumps(child_build(args.tokens, args.seq_len, args.store)))
         return
@@ -120,12 +128,14 @@ def main() -> None:
     info = describe(store)
     del loaded
 
-    small = run_child(args.rss_tokens, args.seq_len, str(work / "rss-small.zarr"))
-    large = run_child(4 * args.rss_tokens, args.seq_len, str(work / "rss-large.zarr"))
+    extra = ["--glibc-default-malloc"] if args.glibc_default_malloc else []
+    small = run_child(args.rss_tokens, args.seq_len, str(work / "rss-small.zarr"), extra)
+    large = run_child(4 * args.rss_tokens, args.seq_len, str(work / "rss-large.zarr"), extra)
     result = {
         "benchmark": "build_vs_forward",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "keep_freed_memory": allocator_tuned,
         "model": "SmolLM2-135M-Instruct (embedded default)",
         "data": data_spec().source,
         "seq_len": args.seq_len,

@@ -104,6 +104,7 @@ def cli() -> None:
 def build(**kw) -> None:
     """Run the model once over the data and write a Zarr v3 activation store."""
     from lenscache.cache.build import BuildConfig, build_store
+    from lenscache.cache.host_memory import keep_freed_memory
     from lenscache.cache.model import ModelSpec
     from lenscache.cache.text import DataSpec
 
@@ -125,6 +126,7 @@ def build(**kw) -> None:
         overwrite=kw["overwrite"],
         progress=not kw["no_progress"],
     )
+    keep_freed_memory()  # this process exists to build: reuse freed memory batch after batch
     s = build_store(cfg)
     summary = {
         "store": s.url,
