@@ -8,6 +8,7 @@ last block's output *before* the final norm.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,13 +139,20 @@ class ResidualRecorder:
     """Context manager: during a forward pass, records the requested layer boundaries.
 
     ``recorder.states[i]`` is the (batch, pos, d_model) tensor at boundary ``layers[i]``; the last
-    boundary (the input of the final norm) is always recorded as ``recorder.final``.
+    boundary (the input of the final norm) is always recorded as ``recorder.final``. With a `sink`,
+    each requested boundary is handed to ``sink(i, tensor)`` as soon as its block has run instead
+    of being kept: the caller can copy it out while it is still in cache, and the model's
+    allocator reuses the memory as it would without hooks.
     """
 
-    def __init__(self, taps: Taps, layers: list[int]):
+    def __init__(
+        self, taps: Taps, layers: list[int], sink: Callable[[int, torch.Tensor], None] | None = None
+    ):
         self.taps = taps
         self.layers = list(layers)
         self.n_layers = taps.n_layers
+        self.sink = sink
+        self._index = {b: i for i, b in enumerate(self.layers)}
         self._captured: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -164,16 +172,23 @@ class ResidualRecorder:
             h.remove()
         self._handles.clear()
 
+    def _record(self, boundary: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.detach()
+        if self.sink is not None and boundary in self._index:
+            self.sink(self._index[boundary], hidden)
+            if boundary != self.n_layers:
+                return
+        self._captured[boundary] = hidden
+
     def _pre_hook(self, module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         if hidden is None:
             raise ModelError(f"cannot find the hidden states passed to {type(module).__name__}")
-        self._captured[0] = hidden.detach()
+        self._record(0, hidden)
 
     def _make_hook(self, boundary: int):
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple | list) else output
-            self._captured[boundary] = hidden.detach()
+            self._record(boundary, output[0] if isinstance(output, tuple | list) else output)
 
         return hook
 
@@ -182,7 +197,8 @@ class ResidualRecorder:
 
     @property
     def states(self) -> list[torch.Tensor]:
-        return [self._captured[i] for i in self.layers]
+        """The recorded boundaries, in `layers` order (empty with a sink)."""
+        return [] if self.sink is not None else [self._captured[i] for i in self.layers]
 
     @property
     def final(self) -> torch.Tensor:

@@ -1,16 +1,21 @@
 """`build_store`: one model pass over packed text into a store (the `lenscache build` command).
 
-The main thread runs forward passes; a writer thread encodes (bf16/fp16 conversion, overflow
-checks), compresses and writes through a bounded queue, so host memory is bounded by the queue
-depth whatever the number of tokens. On CUDA, device-to-host copies go to pinned buffers on a
-separate stream, so the next forward pass starts while the previous batch is still copying.
+The main thread runs forward passes. Rows of sequences are encoded (bf16/fp16 conversion,
+overflow checks), compressed and written either between forward passes (a CPU forward pass that
+uses every core) or by a writer thread fed through a bounded queue (GPU, or spare cores); either
+way host memory is bounded by a few rows whatever the number of tokens. On CPU with a lossless
+preset, hooks encode each layer into a reused row buffer as soon as its block has run. On CUDA,
+device-to-host copies go to pinned buffers on a separate stream, so the next forward pass starts
+while the previous batch is still copying.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +35,7 @@ from .text import DataSpec, PackedTokens, pack_tokens
 from .writer import StoreWriter, utcnow
 
 DEFAULT_TOKENS_PER_BATCH = 4096
+ROW_BUFFERS = 3  # resid rows in flight when encoding in hooks: one filling, one queued, one writing
 LOGIT_ROWS = 64  # rows of logits per block when reducing them
 TOPK_WIDTH = 128  # entries per piece in topk_rows
 
@@ -301,13 +307,34 @@ def _final_distribution(
 
 
 def _forward(
-    loaded: LoadedModel, taps, tokens: np.ndarray, layers: list[int], topk: int, *, keep_logits: bool
+    loaded: LoadedModel,
+    taps,
+    tokens: np.ndarray,
+    layers: list[int],
+    topk: int,
+    *,
+    keep_logits: bool,
+    sink: Callable[[int, torch.Tensor], None] | None = None,
 ) -> BatchOutput:
     ids = torch.from_numpy(tokens.astype(np.int64)).to(loaded.device)
-    with torch.inference_mode(), ResidualRecorder(taps, layers) as rec:
+    with torch.inference_mode(), ResidualRecorder(taps, layers, sink) as rec:
         logits = loaded.model(input_ids=ids, use_cache=False).logits
         lse, top = _final_distribution(logits, topk)
         return to_host(rec.states, rec.final, lse, top, logits.float() if keep_logits else None)
+
+
+def _writes_inline(device: torch.device) -> bool:
+    """Whether to write rows between forward passes rather than in a writer thread.
+
+    A CPU forward pass that already runs on every core loses about twice the writer's CPU time
+    when a writer thread competes with it (its OpenMP threads wait at each barrier for the one
+    that was descheduled); between passes, the writer's compression has both cores to itself.
+    A GPU forward pass, or one that leaves cores free, overlaps with a writer thread instead.
+    """
+    if device.type != "cpu":
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.get_num_threads() >= cores
 
 
 def _run(
@@ -318,32 +345,50 @@ def _run(
     written_before = writer.counter.bytes_written
     n_seq, s, batch = meta.n_sequences, meta.build.seqs_per_chunk, meta.build.batch_size
     work: queue.Queue = queue.Queue(maxsize=2)
+    # On CPU with a lossless preset the forward pass encodes each boundary into a row buffer from
+    # its hook (see ResidualRecorder's sink); the writer hands each buffer back when it is written.
+    staging = encoder.stages_in_hooks(loaded.device)
+    free_rows: queue.Queue = queue.Queue()
+    for _ in range(ROW_BUFFERS if staging else 0):
+        free_rows.put(encoder.new_row(min(s, n_seq), (meta.seq_len, meta.d_model)))
     failure: list[BaseException] = []
     raw_bytes = [0]
 
-    def write_row(row_start: int, batches: list[BatchOutput]) -> None:
-        arrays = encoder.encode_row(row_start, batches)
+    def write_row(row_start: int, batches: list[BatchOutput], staged: np.ndarray | None) -> None:
+        arrays = encoder.encode_row(row_start, batches, staged)
         raw_bytes[0] += sum(a.nbytes for a in arrays.values())
         writer.write_rows(row_start, arrays)
         writer.commit(row_start + sum(b.n for b in batches))
 
-    def write_loop() -> None:
-        try:
-            while (item := work.get()) is not None:
-                write_row(*item)
-        except BaseException as exc:  # surfaced in the main thread
-            failure.append(exc)
-            while work.get() is not None:  # unblock the producer
-                pass
+    def take(item: tuple[int, list[BatchOutput], np.ndarray | None]) -> None:
+        row_start, batches, row = item
+        if not failure:
+            try:
+                write_row(row_start, batches, None if row is None else row[:, : sum(b.n for b in batches)])
+            except BaseException as exc:  # surfaced in the main thread
+                failure.append(exc)
+        if row is not None:
+            free_rows.put(row)
 
+    def write_loop() -> None:
+        # After a failure keep taking rows (and giving their buffers back) so the producer never
+        # blocks; the main thread sees `failure` and stops.
+        while (item := work.get()) is not None:
+            take(item)
+
+    inline = _writes_inline(loaded.device)
     thread = threading.Thread(target=write_loop, name="lenscache-writer", daemon=True)
-    thread.start()
+    if not inline:
+        thread.start()
     bar = _progress(cfg, n_seq, start, meta.seq_len)
     t0 = time.perf_counter()
     built = 0
     try:
         for row_start in range(start, n_seq, s):
             row_end = min(row_start + s, n_seq)
+            row = free_rows.get() if staging else None
+            if failure:
+                break
             batches = []
             for b0 in range(row_start, row_end, batch):
                 b1 = min(b0 + batch, row_end)
@@ -355,6 +400,7 @@ def _run(
                         layers,
                         meta.final["topk"],
                         keep_logits=meta.final["full_logits"],
+                        sink=None if row is None else encoder.sink(row, b0 - row_start, row_start),
                     )
                 )
                 if bar is not None:
@@ -367,17 +413,21 @@ def _run(
                         writer.counter.bytes_written - written_before,
                         raw_bytes[0],
                     )
-            if failure:
-                break
-            work.put((row_start, batches))
+            if inline:
+                take((row_start, batches, row))
+            else:
+                work.put((row_start, batches, row))
             built += row_end - row_start
     finally:
-        work.put(None)
-        thread.join()
+        if not inline:
+            work.put(None)
+            thread.join()
         if bar is not None:
             bar.close()
     if failure:
         exc = failure[0]
+        if not isinstance(exc, Exception):  # Ctrl-C and the like, as they came
+            raise exc
         raise (
             exc if isinstance(exc, LensCacheError) else StoreError(f"writing {cfg.out} failed: {exc!r}")
         ) from exc

@@ -148,6 +148,27 @@ class RowEncoder:
                 f"(|value| > 65504); use --codec bf16-zstd, which has float32's range"
             )
 
+    def stages_in_hooks(self, device: torch.device) -> bool:
+        """Whether boundaries can be encoded by `sink` during the forward pass (lossless, on CPU)."""
+        return self.preset.quant is None and device.type == "cpu"
+
+    def new_row(self, n_seqs: int, shape: tuple[int, ...]) -> np.ndarray:
+        """An empty resid carrier for a row of `n_seqs` sequences of `shape` (pos, d_model)."""
+        return np.empty((len(self.meta.layers), n_seqs, *shape), dtype=np.dtype(CARRIER[self.dtype]))
+
+    def sink(self, resid: np.ndarray, offset: int, row_start: int):
+        """A `ResidualRecorder` sink encoding one batch into sequences [offset, offset + b) of `resid`.
+
+        Checks and encodes each boundary as its block finishes, while the values are in cache and
+        before the model frees them; a refused value stops the forward pass with the same error.
+        """
+
+        def encode_boundary(index: int, x: torch.Tensor) -> None:
+            self._check_range(x, self.meta.layers[index], row_start + offset)
+            encode_into(resid[index, offset : offset + x.shape[0]], x, self.dtype)
+
+        return encode_boundary
+
     def _checked(self, x: torch.Tensor, boundary: int | str, row_start: int) -> np.ndarray:
         self._check_range(x, boundary, row_start)
         return encode(x, self.dtype)
@@ -160,22 +181,26 @@ class RowEncoder:
             self._buffer = np.empty(shape, dtype=dtype)
         return self._buffer
 
-    def encode_row(self, row_start: int, batches: list[BatchOutput]) -> dict[str, np.ndarray]:
+    def encode_row(
+        self, row_start: int, batches: list[BatchOutput], staged: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """The arrays of one row; `staged` is its resid carrier when a `sink` already filled it."""
         for b in batches:
             b.wait()
         meta = self.meta
         out: dict[str, np.ndarray] = {}
         n = sum(b.n for b in batches)
         first = batches[0].states[0] if batches[0].states else batches[0].final
-        resid = self._row_buffer((len(meta.layers), n, *first.shape[1:]), np.dtype(CARRIER[self.dtype]))
-        scales = None
-        for li, boundary in enumerate(meta.layers):
-            x = torch.cat([b.states[li] for b in batches]) if len(batches) > 1 else batches[0].states[li]
-            scale = self._encode_resid(resid[li], x, boundary, row_start)
-            if scale is not None:
-                if scales is None:
-                    scales = np.empty((len(meta.layers), *scale.shape), dtype=scale.dtype)
-                scales[li] = scale
+        resid, scales = staged, None
+        if resid is None:
+            resid = self._row_buffer((len(meta.layers), n, *first.shape[1:]), np.dtype(CARRIER[self.dtype]))
+            for li, boundary in enumerate(meta.layers):
+                x = torch.cat([b.states[li] for b in batches]) if len(batches) > 1 else batches[0].states[li]
+                scale = self._encode_resid(resid[li], x, boundary, row_start)
+                if scale is not None:
+                    if scales is None:
+                        scales = np.empty((len(meta.layers), *scale.shape), dtype=scale.dtype)
+                    scales[li] = scale
         final = torch.cat([b.final for b in batches]) if len(batches) > 1 else batches[0].final
         encoding = meta.final["encoding"]
         if encoding == "lo16":

@@ -16,6 +16,7 @@ import torch
 from tiny_models import FAMILIES, make_tiny_model
 from transformers import AutoModelForCausalLM
 
+import lenscache.cache.build as build_module
 from lenscache.cache.build import BuildConfig, build_store, topk_rows
 from lenscache.cache.model import ModelSpec
 from lenscache.cache.text import DataSpec
@@ -347,3 +348,26 @@ def test_fast_topk_matches_torch_topk():
             assert torch.equal(values, ref)
             assert torch.equal(rows.gather(1, ids), values)
             assert all(len(set(r.tolist())) == k for r in ids)  # k distinct entries per row
+
+
+@pytest.mark.parametrize("codec", ["bf16-zstd", "fp16-zstd", "int8rms10l16-zstd"])
+def test_writer_thread_and_writes_between_passes_store_the_same(
+    codec, llama_dir, text_file, tmp_path, monkeypatch
+):
+    """Both ways of writing rows, with boundaries encoded in hooks (lossless) or by the writer (lossy)."""
+    stores = {}
+    for inline in (True, False):
+        monkeypatch.setattr(build_module, "_writes_inline", lambda device, inline=inline: inline)
+        out = tmp_path / f"inline-{inline}.zarr"
+        # 7 sequences in rows of 3: the last row is partial, and rows span several forward passes
+        build_store(config(llama_dir, text_file, out, max_tokens=SEQ * 7, codec=codec, batch_size=2,
+                           seqs_per_chunk=3))  # fmt: skip
+        assert verify_store(out).ok
+        stores[inline] = open_store(out)
+    a, b = stores[True], stores[False]
+    assert set(a.arrays) == set(b.arrays)
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name][...], b.arrays[name][...], err_msg=name)
+    hidden, _ = reference(llama_dir, a.tokens())
+    for boundary in range(a.meta.n_layers):  # HF's last hidden state is normed
+        np.testing.assert_allclose(a.resid(boundary), hidden[boundary].numpy(), rtol=2e-2, atol=2e-2)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
+import lenscache.cache.build as build_module
 from lenscache.cache.build import BuildConfig, build_store
 from lenscache.cache.model import ModelSpec
 from lenscache.cache.text import DataSpec
@@ -68,26 +69,28 @@ class FullDisk(MemoryFileSystem):
         return f
 
 
-def test_out_of_disk_during_a_build_fails_clearly_and_resumes_when_space_returns(llama_dir, corpus):
+@pytest.mark.parametrize("writer_thread", [False, True])
+def test_out_of_disk_during_a_build_fails_clearly_and_resumes_when_space_returns(
+    writer_thread, llama_dir, corpus, monkeypatch
+):
+    monkeypatch.setattr(build_module, "_writes_inline", lambda device: not writer_thread)
     fsspec.register_implementation("fulldisk", FullDisk, clobber=True)
-    url = "fulldisk://full.zarr"
+    url, reference = f"fulldisk://full-{writer_thread}.zarr", f"memory://reference-full-{writer_thread}.zarr"
     cfg = dict(model=ModelSpec(str(llama_dir)), data=DataSpec(str(corpus)), seq_len=8, max_tokens=8 * 40,
                batch_size=1, seqs_per_chunk=1, progress=False)  # fmt: skip
     FullDisk.used, FullDisk.budget = 0, 10**9
-    build_store(BuildConfig(out="memory://reference-full.zarr", **cfg))
+    build_store(BuildConfig(out=reference, **cfg))
     FullDisk.budget = 150_000  # room for the head and some rows, not for all of them
     with pytest.raises((LensCacheError, OSError), match="[Nn]o space left"):
         build_store(BuildConfig(out=url, **cfg))
     partial = open_store(url)  # what was committed is readable and consistent
     assert 0 < partial.n_sequences < 40
     committed = partial.n_sequences
-    np.testing.assert_array_equal(
-        partial.tokens(), open_store("memory://reference-full.zarr").tokens(slice(0, committed))
-    )
+    np.testing.assert_array_equal(partial.tokens(), open_store(reference).tokens(slice(0, committed)))
     FullDisk.budget = 10**9
     build_store(BuildConfig(out=url, resume=True, **cfg))
     assert verify_store(url).ok
-    a, b = open_store(url), open_store("memory://reference-full.zarr")
+    a, b = open_store(url), open_store(reference)
     for name in a.arrays:
         np.testing.assert_array_equal(a.arrays[name][...], b.arrays[name][...], err_msg=name)
 
