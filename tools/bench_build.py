@@ -1,6 +1,6 @@
 """Benchmark `lenscache build` against the bare forward pass of the same model, batch and tokens.
 
-    python -m lenscache.tools.bench_build [--tokens 16384] [--rounds 4] [--seq-len 512] [--out bench-results/build.json]
+    python -m lenscache.tools.bench_build [--tokens 16384] [--rounds 6] [--glibc-default-malloc] [--seq-len 512] [--out bench-results/build.json]
 
 Prints and writes (JSON):
 - throughput ratio = build tokens/s ÷ bare forward tokens/s over the same tokens and batches,
@@ -78,7 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per round of the throughput comparison")
     ap.add_argument(
-        "--rounds", type=int, default=4, help="rounds of (bare forward, build), alternating order"
+        "--rounds", type=int, default=6, help="rounds of (bare forward, build), alternating order"
     )
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rss-tokens", type=int, default=4096, help="N for the memory comparison (N vs 4N)")
