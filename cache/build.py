@@ -323,7 +323,7 @@ def _forward(
         return to_host(rec.states, rec.final, lse, top, logits.float() if keep_logits else None)
 
 
-def _writes_inline(device: torch.device) -> bool:
+def writes_between_passes(device: torch.device) -> bool:
     """Whether to write rows between forward passes rather than in a writer thread.
 
     A CPU forward pass that already runs on every core loses about twice the writer's CPU time
@@ -376,7 +376,7 @@ def _run(
         while (item := work.get()) is not None:
             take(item)
 
-    inline = _writes_inline(loaded.device)
+    inline = writes_between_passes(loaded.device)
     thread = threading.Thread(target=write_loop, name="lenscache-writer", daemon=True)
     if not inline:
         thread.start()

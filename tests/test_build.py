@@ -357,7 +357,7 @@ def test_writer_thread_and_writes_between_passes_store_the_same(
     """Both ways of writing rows, with boundaries encoded in hooks (lossless) or by the writer (lossy)."""
     stores = {}
     for inline in (True, False):
-        monkeypatch.setattr(build_module, "_writes_inline", lambda device, inline=inline: inline)
+        monkeypatch.setattr(build_module, "writes_between_passes", lambda device, inline=inline: inline)
         out = tmp_path / f"inline-{inline}.zarr"
         # 7 sequences in rows of 3: the last row is partial, and rows span several forward passes
         build_store(config(llama_dir, text_file, out, max_tokens=SEQ * 7, codec=codec, batch_size=2,

@@ -73,7 +73,7 @@ class FullDisk(MemoryFileSystem):
 def test_out_of_disk_during_a_build_fails_clearly_and_resumes_when_space_returns(
     writer_thread, llama_dir, corpus, monkeypatch
 ):
-    monkeypatch.setattr(build_module, "_writes_inline", lambda device: not writer_thread)
+    monkeypatch.setattr(build_module, "writes_between_passes", lambda device: not writer_thread)
     fsspec.register_implementation("fulldisk", FullDisk, clobber=True)
     url, reference = f"fulldisk://full-{writer_thread}.zarr", f"memory://reference-full-{writer_thread}.zarr"
     cfg = dict(model=ModelSpec(str(llama_dir)), data=DataSpec(str(corpus)), seq_len=8, max_tokens=8 * 40,

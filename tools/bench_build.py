@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lenscache.cache.build import DEFAULT_TOKENS_PER_BATCH, BuildConfig, build_store
+from lenscache.cache.build import DEFAULT_TOKENS_PER_BATCH, BuildConfig, build_store, writes_between_passes
 from lenscache.cache.host_memory import keep_freed_memory
 from lenscache.cache.model import ModelSpec, load_model
 from lenscache.cache.text import DataSpec, pack_tokens
@@ -126,6 +126,7 @@ def main() -> None:
     forward_tps = n_tokens * args.rounds / sum(bare_s)
     build_tps = n_tokens * args.rounds / sum(build_s)
     info = describe(store)
+    rows_written = "between forward passes" if writes_between_passes(loaded.device) else "by a writer thread"
     del loaded
 
     extra = ["--glibc-default-malloc"] if args.glibc_default_malloc else []
@@ -136,6 +137,7 @@ def main() -> None:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "keep_freed_memory": allocator_tuned,
+        "rows_written": rows_written,
         "model": "SmolLM2-135M-Instruct (embedded default)",
         "data": data_spec().source,
         "seq_len": args.seq_len,
