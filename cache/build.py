@@ -35,7 +35,7 @@ from .text import DataSpec, PackedTokens, pack_tokens
 from .writer import StoreWriter, utcnow
 
 DEFAULT_TOKENS_PER_BATCH = 4096
-ROW_BUFFERS = 3  # resid rows in flight when encoding in hooks: one filling, one queued, one writing
+ROW_BUFFERS = 3  # resid rows in flight with a writer thread: one filling, one queued, one writing
 LOGIT_ROWS = 64  # rows of logits per block when reducing them
 TOPK_WIDTH = 128  # entries per piece in topk_rows
 
@@ -348,7 +348,9 @@ def _run(
     # On CPU with a lossless preset the forward pass encodes each boundary into a row buffer from
     # its hook (see ResidualRecorder's sink); the writer hands each buffer back when it is written.
     staging = encoder.stages_in_hooks(loaded.device)
-    free_rows: queue.Queue = queue.Queue()
+    # last in, first out: writing between passes, one buffer serves every row (the others are never
+    # touched, so they cost no memory)
+    free_rows: queue.LifoQueue = queue.LifoQueue()
     for _ in range(ROW_BUFFERS if staging else 0):
         free_rows.put(encoder.new_row(min(s, n_seq), (meta.seq_len, meta.d_model)))
     failure: list[BaseException] = []
