@@ -356,17 +356,18 @@ def _run(
     failure: list[BaseException] = []
     raw_bytes = [0]
 
-    def write_row(row_start: int, batches: list[BatchOutput], staged: np.ndarray | None) -> None:
-        arrays = encoder.encode_row(row_start, batches, staged)
+    def write_row(row_start: int, batches: list[BatchOutput], row: np.ndarray | None) -> None:
+        n = sum(b.n for b in batches)
+        arrays = encoder.encode_row(row_start, batches, None if row is None else row[:, :n])
         raw_bytes[0] += sum(a.nbytes for a in arrays.values())
         writer.write_rows(row_start, arrays)
-        writer.commit(row_start + sum(b.n for b in batches))
+        writer.commit(row_start + n)
 
     def take(item: tuple[int, list[BatchOutput], np.ndarray | None]) -> None:
         row_start, batches, row = item
         if not failure:
             try:
-                write_row(row_start, batches, None if row is None else row[:, : sum(b.n for b in batches)])
+                write_row(row_start, batches, row)
             except BaseException as exc:  # surfaced in the main thread
                 failure.append(exc)
         if row is not None:

@@ -164,8 +164,9 @@ class RowEncoder:
         """
 
         def encode_boundary(index: int, x: torch.Tensor) -> None:
-            self._check_range(x, self.meta.layers[index], row_start + offset)
-            encode_into(resid[index, offset : offset + x.shape[0]], x, self.dtype)
+            self._encode_resid(
+                resid[index, offset : offset + x.shape[0]], x, self.meta.layers[index], row_start + offset
+            )
 
         return encode_boundary
 
@@ -173,12 +174,12 @@ class RowEncoder:
         self._check_range(x, boundary, row_start)
         return encode(x, self.dtype)
 
-    def _row_buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    def _row_buffer(self, n_seqs: int, shape: tuple[int, ...]) -> np.ndarray:
         # One resid row is ~150 MB on SmolLM2; a fresh one each row costs page faults on every
         # page (about 0.2 s), so rows reuse one buffer. Safe because the writer has finished
         # encoding a row's chunks (into new buffers) before the next row is encoded.
-        if self._buffer is None or self._buffer.shape != shape or self._buffer.dtype != dtype:
-            self._buffer = np.empty(shape, dtype=dtype)
+        if self._buffer is None or self._buffer.shape[1:] != (n_seqs, *shape):
+            self._buffer = self.new_row(n_seqs, shape)
         return self._buffer
 
     def encode_row(
@@ -193,7 +194,7 @@ class RowEncoder:
         first = batches[0].states[0] if batches[0].states else batches[0].final
         resid, scales = staged, None
         if resid is None:
-            resid = self._row_buffer((len(meta.layers), n, *first.shape[1:]), np.dtype(CARRIER[self.dtype]))
+            resid = self._row_buffer(n, tuple(first.shape[1:]))
             for li, boundary in enumerate(meta.layers):
                 x = torch.cat([b.states[li] for b in batches]) if len(batches) > 1 else batches[0].states[li]
                 scale = self._encode_resid(resid[li], x, boundary, row_start)
