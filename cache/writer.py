@@ -17,6 +17,7 @@ import zarr
 from zarr.storage import WrapperStore
 
 from lenscache import location
+from lenscache.cache.chunk_writer import ChunkWriter, RegionWrite
 from lenscache.encoding import CARRIER, SERIALIZER, CodecPreset, compressors
 from lenscache.errors import StoreError
 from lenscache.quant import n_blocks
@@ -128,6 +129,7 @@ class StoreWriter:
         self.counter = counter
         self.meta = meta
         self._arrays: dict[str, zarr.Array] = {}
+        self._chunks = ChunkWriter()
 
     @classmethod
     def create(
@@ -195,13 +197,18 @@ class StoreWriter:
         return cls(group, counter, meta)
 
     def write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write sequences [start, start + n) of every per-sequence array (resid's axis 1)."""
+        """Write sequences [start, start + n) of every per-sequence array (resid's axis 1).
+
+        Whole chunks (the residual arrays, when rows are chunk-aligned) go through `ChunkWriter`;
+        the rest (partial chunks of small arrays, a ragged last row) through zarr.
+        """
+        writes = []
         for name, block in arrays.items():
-            arr = self._array(name)
-            if name in (RESID, RESID_SCALE):
-                arr[:, start : start + block.shape[1]] = block
-            else:
-                arr[start : start + block.shape[0]] = block
+            seq_axis = 1 if name in (RESID, RESID_SCALE) else 0
+            offset = tuple(start if axis == seq_axis else 0 for axis in range(block.ndim))
+            writes.append(RegionWrite(self._array(name), offset, block))
+        for w in self._chunks.write(writes):
+            w.array[tuple(slice(o, o + n) for o, n in zip(w.offset, w.block.shape, strict=True))] = w.block
 
     def _array(self, name: str) -> zarr.Array:
         """An array of the store, opened to write every chunk (see WRITE_EVERY_CHUNK)."""
