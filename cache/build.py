@@ -11,7 +11,6 @@ while the previous batch is still copying.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -29,6 +28,7 @@ from lenscache.head import Unembed
 from lenscache.schema import QUANT_SCHEMA_VERSION, BuildState, StoreMeta, plan_seq_chunks
 
 from .arch import ResidualRecorder, extract_head, find_taps
+from .chunk_writer import available_cores
 from .model import LoadedModel, ModelSpec, load_model
 from .staging import BatchOutput, RowEncoder, to_host
 from .text import DataSpec, PackedTokens, pack_tokens
@@ -333,8 +333,7 @@ def writes_between_passes(device: torch.device) -> bool:
     """
     if device.type != "cpu":
         return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return torch.get_num_threads() >= cores
+    return torch.get_num_threads() >= available_cores()
 
 
 def _run(

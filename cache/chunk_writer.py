@@ -46,11 +46,12 @@ class RegionWrite:
 
 
 def available_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def chunk_encoder(array: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
-    """The array's codecs as one function of a C-contiguous chunk, or None if they are not ours to do."""
+    """The array's codecs as one function of a chunk-shaped block, or None if they are not ours to do."""
     codecs = array.metadata.codecs
     if len(codecs) != 3 or sys.byteorder != "little":
         return None

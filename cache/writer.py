@@ -17,7 +17,6 @@ import zarr
 from zarr.storage import WrapperStore
 
 from lenscache import location
-from lenscache.cache.chunk_writer import ChunkWriter, RegionWrite
 from lenscache.encoding import CARRIER, SERIALIZER, CodecPreset, compressors
 from lenscache.errors import StoreError
 from lenscache.quant import n_blocks
@@ -40,6 +39,8 @@ from lenscache.schema import (
     plan_pos_chunk,
     plan_seq_chunks,
 )
+
+from .chunk_writer import ChunkWriter, RegionWrite
 
 # Every chunk the writer writes lands on disk, even one equal to the fill value (a zero norm bias,
 # an all-zero layer block): verify expects each written chunk to exist, and it spares zarr a scan
@@ -70,7 +71,6 @@ class ArrayPlan:
     chunks: tuple[int, ...]
     zarr_dtype: str
     logical_dtype: str | None = None  # set when the zarr dtype only carries the bits
-    compress: bool = True
     preset_codec: bool = False  # compressed with the preset's settings (resid, logits)
 
 
