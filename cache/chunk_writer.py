@@ -8,8 +8,9 @@ chunk goes from the row buffer to numcodecs' blosc (which releases the GIL) on o
 gets its crc32c appended as zarr's crc32c codec does, and is handed to the store's own `set`
 (atomic for a local store; any fsspec store otherwise).
 
-Only arrays whose codecs are exactly bytes (little-endian) → blosc → crc32c, and regions made of
-whole chunks inside the array, are written here; `ChunkWriter.write` hands everything else back for
+Only arrays whose codecs are exactly bytes (little-endian) → blosc → crc32c and that are opened to
+write every chunk (``write_empty_chunks``, as the build's are), and regions made of whole chunks
+inside the array, are written here; `ChunkWriter.write` hands everything else back for
 zarr to write. tests/test_chunk_writer.py checks the stored bytes against zarr's own.
 """
 
@@ -53,7 +54,7 @@ def available_cores() -> int:
 def chunk_encoder(array: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
     """The array's codecs as one function of a chunk-shaped block, or None if they are not ours to do."""
     codecs = array.metadata.codecs
-    if len(codecs) != 3 or sys.byteorder != "little":
+    if len(codecs) != 3 or sys.byteorder != "little" or not array.config.write_empty_chunks:
         return None
     serializer, blosc, crc = codecs
     if not (

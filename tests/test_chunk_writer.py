@@ -76,16 +76,20 @@ def test_arrays_with_other_codecs_are_left_to_zarr(tmp_path):
     )
     lz4 = group.create_array("lz4", shape=(8, 4), chunks=(4, 4), dtype="float32",
                              compressors=[BloscCodec(cname="lz4", shuffle=BloscShuffle.shuffle)])  # fmt: skip
+    skips_empty = group.create_array("skips", shape=(8, 4), chunks=(4, 4), dtype="float32",
+                                     config={"write_empty_chunks": False})  # fmt: skip
     block = _values("float32", (8, 4))
-    writes = [RegionWrite(plain, (0, 0), block), RegionWrite(lz4, (0, 0), block)]
-    assert ChunkWriter().write(writes) == writes  # zstd alone; blosc without a crc32c
-    assert not (tmp_path / "zstd" / "c").exists()
+    writes = [RegionWrite(a, (0, 0), block) for a in (plain, lz4, skips_empty)]
+    # zstd alone; blosc without a crc32c; an array that leaves all-fill chunks unwritten
+    assert ChunkWriter().write(writes) == writes
+    assert not any((tmp_path / name / "c").exists() for name in ("zstd", "lz4", "skips"))
 
 
 def test_writes_through_an_fsspec_store_and_reads_back():
     group = zarr.open_group("memory://chunk-writer-test.zarr", mode="w")
     arr = group.create_array("resid", shape=SHAPE, chunks=CHUNKS, dtype="uint16",
-                             serializer=BytesCodec(endian="little"), compressors=compressors(2), fill_value=0)  # fmt: skip
+                             serializer=BytesCodec(endian="little"), compressors=compressors(2), fill_value=0,
+                             config={"write_empty_chunks": True})  # fmt: skip
     block = _values("uint16", SHAPE, seed=3)
     assert ChunkWriter().write([RegionWrite(arr, (0, 0, 0, 0), block)]) == []
     again = zarr.open_group("memory://chunk-writer-test.zarr", mode="r")["resid"]
