@@ -258,20 +258,22 @@ def topk_rows(rows: torch.Tensor, k: int, width: int = TOPK_WIDTH) -> tuple[torc
     k-th largest piece maximum, and those k maxima are k distinct entries at least as large), so
     an exact top-k of those k * width candidates is the top-k of the row. On 49,152-entry rows this
     reads each logit once instead of running a selection over it: about 2x faster than torch's topk.
+    The candidates are copied a whole piece at a time (one index per piece, not per entry).
     """
     n, vocab = rows.shape
     pieces = vocab // width
     if pieces < 4 * k:
         return rows.topk(k, dim=-1)
     body = pieces * width
-    piece_max = rows[:, :body].view(n, pieces, width).amax(-1)
-    best = piece_max.topk(k, dim=-1).indices
-    cand = (best.unsqueeze(-1) * width + torch.arange(width, device=rows.device)).reshape(n, k * width)
-    if body < vocab:  # the ragged end is always a candidate
-        tail = torch.arange(body, vocab, device=rows.device).expand(n, vocab - body)
-        cand = torch.cat([cand, tail], dim=1)
-    values, pick = rows.gather(1, cand).topk(k, dim=-1)
-    return values, cand.gather(1, pick)
+    by_piece = rows[:, :body].view(n, pieces, width)
+    best = by_piece.amax(-1).topk(k, dim=-1).indices  # (n, k)
+    cand = by_piece[torch.arange(n, device=rows.device).unsqueeze(1), best].reshape(n, k * width)
+    if body < vocab:  # the ragged end is always a candidate, after the k pieces
+        cand = torch.cat([cand, rows[:, body:]], dim=1)
+    values, pick = cand.topk(k, dim=-1)
+    piece = pick // width
+    in_pieces = best.gather(1, piece.clamp(max=k - 1)) * width + pick % width
+    return values, torch.where(piece < k, in_pieces, pick - k * width + body)
 
 
 def _final_distribution(
