@@ -170,10 +170,6 @@ class RowEncoder:
 
         return encode_boundary
 
-    def _checked(self, x: torch.Tensor, boundary: int | str, row_start: int) -> np.ndarray:
-        self._check_range(x, boundary, row_start)
-        return encode(x, self.dtype)
-
     def _row_buffer(self, n_seqs: int, shape: tuple[int, ...]) -> np.ndarray:
         # One resid row is ~150 MB on SmolLM2; a fresh one each row costs page faults on every
         # page (about 0.2 s), so rows reuse one buffer. Safe because the writer has finished
