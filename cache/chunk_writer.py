@@ -10,7 +10,7 @@ gets its crc32c appended as zarr's crc32c codec does, and is handed to the store
 
 Only arrays whose codecs are exactly bytes (little-endian) → blosc → crc32c and that are opened to
 write every chunk (``write_empty_chunks``, as the build's are), and regions made of whole chunks
-inside the array, are written here; `ChunkWriter.write` hands everything else back for
+inside the array, are written here; `write_whole_chunks` hands everything else back for
 zarr to write. tests/test_chunk_writer.py checks the stored bytes against zarr's own.
 """
 
@@ -101,49 +101,38 @@ def _encode_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(available_cores(), thread_name_prefix="lenscache-encode")
 
 
-class ChunkWriter:
-    """Encodes whole chunks on one thread per core and writes them through the array's store."""
+def write_whole_chunks(writes: Sequence[RegionWrite]) -> list[RegionWrite]:
+    """Write every region made of whole chunks; return the others, untouched, for zarr to write."""
+    jobs, rest = [], []
+    for w in writes:
+        encode = chunk_encoder(w.array)
+        coords = whole_chunks(w.array, w.offset, w.block.shape)
+        if encode is None or coords is None or w.block.dtype != w.array.dtype:
+            rest.append(w)
+            continue
+        chunks = w.array.chunks
+        for c in coords:
+            index = tuple(
+                slice(ci * n - o, (ci + 1) * n - o) for ci, n, o in zip(c, chunks, w.offset, strict=True)
+            )
+            key = w.array.metadata.encode_chunk_key(c)
+            key = f"{w.array.path}/{key}" if w.array.path else key
+            jobs.append((w.array.store, key, w.block[index], encode))
+    if jobs:
+        sync(_put_all(jobs))
+    return rest
 
-    def __init__(self) -> None:
-        # keyed by id; the array is kept with its encoder so that the id stays its own
-        self._encoders: dict[int, tuple[zarr.Array, Callable[[np.ndarray], bytes] | None]] = {}
 
-    def _encoder(self, array: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
-        if id(array) not in self._encoders:
-            self._encoders[id(array)] = (array, chunk_encoder(array))
-        return self._encoders[id(array)][1]
+async def _put_all(jobs) -> None:
+    loop = asyncio.get_running_loop()
+    buffer = default_buffer_prototype().buffer
 
-    def write(self, writes: Sequence[RegionWrite]) -> list[RegionWrite]:
-        """Write every region made of whole chunks; return the others, untouched, for zarr to write."""
-        jobs, rest = [], []
-        for w in writes:
-            encode = self._encoder(w.array)
-            coords = whole_chunks(w.array, w.offset, w.block.shape)
-            if encode is None or coords is None or w.block.dtype != w.array.dtype:
-                rest.append(w)
-                continue
-            chunks = w.array.chunks
-            for c in coords:
-                index = tuple(
-                    slice(ci * n - o, (ci + 1) * n - o) for ci, n, o in zip(c, chunks, w.offset, strict=True)
-                )
-                key = w.array.metadata.encode_chunk_key(c)
-                key = f"{w.array.path}/{key}" if w.array.path else key
-                jobs.append((w.array.store, key, w.block[index], encode))
-        if jobs:
-            sync(self._put_all(jobs))
-        return rest
+    async def put(store, key: str, chunk: np.ndarray, encode) -> None:
+        data = await loop.run_in_executor(_encode_pool(), encode, chunk)
+        await store.set(key, buffer.from_bytes(data))
 
-    async def _put_all(self, jobs) -> None:
-        loop = asyncio.get_running_loop()
-        buffer = default_buffer_prototype().buffer
-
-        async def put(store, key: str, chunk: np.ndarray, encode) -> None:
-            data = await loop.run_in_executor(_encode_pool(), encode, chunk)
-            await store.set(key, buffer.from_bytes(data))
-
-        # every write finishes (or fails) before the caller goes on to commit or to report
-        results = await asyncio.gather(*(put(*job) for job in jobs), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+    # every write finishes (or fails) before the caller goes on to commit or to report
+    results = await asyncio.gather(*(put(*job) for job in jobs), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r

@@ -40,7 +40,7 @@ from lenscache.schema import (
     plan_seq_chunks,
 )
 
-from .chunk_writer import ChunkWriter, RegionWrite
+from .chunk_writer import RegionWrite, write_whole_chunks
 
 # Every chunk the writer writes lands on disk, even one equal to the fill value (a zero norm bias,
 # an all-zero layer block): verify expects each written chunk to exist, and it spares zarr a scan
@@ -129,7 +129,6 @@ class StoreWriter:
         self.counter = counter
         self.meta = meta
         self._arrays: dict[str, zarr.Array] = {}
-        self._chunks = ChunkWriter()
 
     @classmethod
     def create(
@@ -199,7 +198,7 @@ class StoreWriter:
     def write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Write sequences [start, start + n) of every per-sequence array (resid's axis 1).
 
-        Whole chunks (the residual arrays, when rows are chunk-aligned) go through `ChunkWriter`;
+        Whole chunks (the residual arrays, when rows are chunk-aligned) go through `write_whole_chunks`;
         the rest (partial chunks of small arrays, a ragged last row) through zarr.
         """
         writes = []
@@ -207,7 +206,7 @@ class StoreWriter:
             seq_axis = 1 if name in (RESID, RESID_SCALE) else 0
             offset = tuple(start if axis == seq_axis else 0 for axis in range(block.ndim))
             writes.append(RegionWrite(self._array(name), offset, block))
-        for w in self._chunks.write(writes):
+        for w in write_whole_chunks(writes):
             w.array[tuple(slice(o, o + n) for o, n in zip(w.offset, w.block.shape, strict=True))] = w.block
 
     def _array(self, name: str) -> zarr.Array:

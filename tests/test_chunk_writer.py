@@ -1,4 +1,4 @@
-"""ChunkWriter stores exactly the bytes zarr would, and leaves to zarr what it cannot write whole."""
+"""write_whole_chunks stores exactly the bytes zarr would, and leaves to zarr what it cannot write whole."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, ZstdCodec
 
-from lenscache.cache.chunk_writer import ChunkWriter, RegionWrite
+from lenscache.cache.chunk_writer import RegionWrite, write_whole_chunks
 from lenscache.encoding import compressors
 
 SHAPE, CHUNKS = (3, 8, 6, 5), (1, 4, 3, 5)
@@ -48,7 +48,7 @@ def test_whole_chunk_writes_store_the_same_bytes_as_zarr(tmp_path, dtype, codecs
     ref, ours = _pair(tmp_path, dtype, codecs)
     block = _values(dtype, (3, 4, 6, 5))  # sequences 4..8 of every layer: six whole chunks
     ref[:, 4:8] = block
-    rest = ChunkWriter().write([RegionWrite(ours, (0, 4, 0, 0), block)])
+    rest = write_whole_chunks([RegionWrite(ours, (0, 4, 0, 0), block)])
     assert rest == []
     written = _chunk_files(tmp_path, "ours")
     assert len(written) == 6
@@ -58,14 +58,13 @@ def test_whole_chunk_writes_store_the_same_bytes_as_zarr(tmp_path, dtype, codecs
 
 def test_regions_that_are_not_whole_chunks_are_handed_back_unwritten(tmp_path):
     _, ours = _pair(tmp_path, "uint16", compressors(2))
-    writer = ChunkWriter()
     cases = [
         RegionWrite(ours, (0, 2, 0, 0), _values("uint16", (3, 4, 6, 5))),  # not chunk-aligned
         RegionWrite(ours, (0, 4, 0, 0), _values("uint16", (3, 2, 6, 5))),  # part of a chunk
         RegionWrite(ours, (0, 4, 0, 0), _values("float32", (3, 4, 6, 5))),  # another dtype
         RegionWrite(ours, (0, 4, 0), _values("uint16", (3, 4, 6))),  # wrong rank
     ]
-    assert writer.write(cases) == cases
+    assert write_whole_chunks(cases) == cases
     assert _chunk_files(tmp_path, "ours") == {}
 
 
@@ -81,7 +80,7 @@ def test_arrays_with_other_codecs_are_left_to_zarr(tmp_path):
     block = _values("float32", (8, 4))
     writes = [RegionWrite(a, (0, 0), block) for a in (plain, lz4, skips_empty)]
     # zstd alone; blosc without a crc32c; an array that leaves all-fill chunks unwritten
-    assert ChunkWriter().write(writes) == writes
+    assert write_whole_chunks(writes) == writes
     assert not any((tmp_path / name / "c").exists() for name in ("zstd", "lz4", "skips"))
 
 
@@ -91,6 +90,6 @@ def test_writes_through_an_fsspec_store_and_reads_back():
                              serializer=BytesCodec(endian="little"), compressors=compressors(2), fill_value=0,
                              config={"write_empty_chunks": True})  # fmt: skip
     block = _values("uint16", SHAPE, seed=3)
-    assert ChunkWriter().write([RegionWrite(arr, (0, 0, 0, 0), block)]) == []
+    assert write_whole_chunks([RegionWrite(arr, (0, 0, 0, 0), block)]) == []
     again = zarr.open_group("memory://chunk-writer-test.zarr", mode="r")["resid"]
     np.testing.assert_array_equal(again[...], block)
