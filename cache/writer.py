@@ -41,6 +41,7 @@ from lenscache.schema import (
 )
 
 from .chunk_writer import RegionWrite, write_whole_chunks
+from .direct_store import direct_writes
 
 # Every chunk the writer writes lands on disk, even one equal to the fill value (a zero norm bias,
 # an all-zero layer block): verify expects each written chunk to exist, and it spares zarr a scan
@@ -143,7 +144,7 @@ class StoreWriter:
     ) -> StoreWriter:
         """Lay out a new store (or re-lay an 'initializing' one) and write tokens and head."""
         if existing is None:
-            counter = CountingStore(location.zarr_store(url, read_only=False))
+            counter = CountingStore(direct_writes(location.zarr_store(url, read_only=False)))
             group = zarr.open_group(store=counter, mode="w")
         else:
             counter, group = existing.counter, existing.group
@@ -187,7 +188,7 @@ class StoreWriter:
 
     @classmethod
     def reopen(cls, url: str | os.PathLike) -> StoreWriter:
-        counter = CountingStore(location.zarr_store(url, read_only=False))
+        counter = CountingStore(direct_writes(location.zarr_store(url, read_only=False)))
         group = zarr.open_group(store=counter, mode="r+")
         try:
             meta = StoreMeta.from_dict(group.attrs[META_KEY])

@@ -1,0 +1,122 @@
+"""A local zarr store that writes large chunks around the page cache (O_DIRECT), where it can.
+
+A build writes every chunk once and reads none of them back. Buffered writes copy each chunk into
+fresh page-cache pages, and on a VM those pages are expensive: writing new files runs at about
+600 MB/s of kernel time here, 0.17 core-seconds per 4,096-token row of SmolLM2, which the
+forward pass pays for when the build runs on every core. Written with O_DIRECT, the same 103 MB
+take 0.01 core-seconds (the disk's DMA does the copy) and 0.06 s of wall time.
+
+Each large value is copied into a page-aligned buffer (one per thread, reused), written with
+O_DIRECT up to its last whole 4 KiB block, and finished with a buffered write of the tail; like
+zarr's LocalStore, it is written to a temporary file that then replaces the chunk, so a reader
+never sees half a chunk. Small values, and filesystems that refuse O_DIRECT (tmpfs, some network
+filesystems), go through LocalStore's own writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import mmap
+import os
+import threading
+import uuid
+from pathlib import Path
+
+from zarr.abc.store import Store
+from zarr.core.buffer import Buffer
+from zarr.storage import LocalStore
+
+ALIGN = 4096  # O_DIRECT's alignment of memory, offsets and lengths on common devices
+MIN_DIRECT_BYTES = 1 << 20  # below this the page cache costs little and O_DIRECT's round trip more
+try:
+    import fcntl
+
+    _O_DIRECT = getattr(os, "O_DIRECT", 0)
+except ImportError:  # not a POSIX system: LocalStore's own writes
+    _O_DIRECT = 0
+
+
+class DirectLocalStore(LocalStore):
+    """LocalStore whose writes of `MIN_DIRECT_BYTES` or more skip the page cache where the filesystem allows."""
+
+    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
+        super().__init__(root, read_only=read_only)
+        self.direct = bool(_O_DIRECT)  # cleared the first time the filesystem refuses O_DIRECT
+
+    async def set(self, key: str, value: Buffer) -> None:
+        if not self.direct or len(value) < MIN_DIRECT_BYTES:
+            return await super().set(key, value)
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        if not await asyncio.to_thread(self._put_direct, self.root / key, value):
+            await super().set(key, value)
+
+    def _put_direct(self, path: Path, value: Buffer) -> bool:
+        """Write `value` to `path` through a temporary file; False if the filesystem refuses O_DIRECT."""
+        data = memoryview(value.as_buffer_like()).cast("B")
+        whole = len(data) - len(data) % ALIGN
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # as zarr's LocalStore names them
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _O_DIRECT, 0o666)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.direct = False
+            return False
+        try:
+            try:
+                written = _write_direct(fd, data, whole, _aligned(whole))
+            finally:
+                os.close(fd)
+            if written:
+                os.replace(tmp, path)
+            else:
+                self.direct = False
+                tmp.unlink()
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return written
+
+
+_BUFFERS = threading.local()
+
+
+def _aligned(size: int) -> mmap.mmap:
+    """This thread's page-aligned buffer (reused, so its pages are already mapped), grown to `size` bytes."""
+    buf = getattr(_BUFFERS, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _BUFFERS.buf = mmap.mmap(-1, max(size, ALIGN))
+    return buf
+
+
+def _write_direct(fd: int, data: memoryview, whole: int, buf: mmap.mmap) -> bool:
+    """`data`'s first `whole` bytes through the aligned `buf` with O_DIRECT, then the rest buffered.
+
+    False if the device refuses the direct write (another alignment): nothing useful was written.
+    """
+    buf[:whole] = data[:whole]
+    try:
+        _write_all(fd, memoryview(buf)[:whole])
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+    _write_all(fd, data[whole:])
+    return True
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def direct_writes(store: Store) -> Store:
+    """`store` as a DirectLocalStore when it is a writable LocalStore; any other store as it is."""
+    if type(store) is LocalStore and not store.read_only:
+        return DirectLocalStore(store.root)
+    return store
