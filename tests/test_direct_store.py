@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,36 @@ def test_a_failed_write_keeps_the_old_chunk_and_leaves_no_partial_file(tmp_path,
     assert not _partials(tmp_path)
 
 
+def test_a_slow_device_goes_back_to_buffered_writes_after_the_probe(tmp_path, monkeypatch, direct_calls):
+    if not _accepts_o_direct(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    spied = direct_store._write_direct  # the spy: it counts the calls
+
+    def slow(fd, data, whole, buf):  # a device at a fifth of the floor
+        time.sleep(len(data) / (direct_store.MIN_DIRECT_BYTES_PER_S / 5))
+        return spied(fd, data, whole, buf)
+
+    monkeypatch.setattr(direct_store, "_write_direct", slow)
+    store = DirectLocalStore(tmp_path / "s")
+    values = [_payload(MIN_DIRECT_BYTES + i, seed=i) for i in range(direct_store.PROBE_WRITES + 3)]
+    for i, data in enumerate(values):
+        _set(store, f"c/{i}", data)
+    assert len(direct_calls) == direct_store.PROBE_WRITES  # then buffered
+    assert not store.direct
+    for i, data in enumerate(values):
+        assert (tmp_path / "s" / "c" / str(i)).read_bytes() == data
+
+
+def test_a_fast_device_keeps_direct_writes_after_the_probe(tmp_path, monkeypatch, direct_calls):
+    if not _accepts_o_direct(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    monkeypatch.setattr(direct_store, "MIN_DIRECT_BYTES_PER_S", 1.0)  # any real device is faster
+    store = DirectLocalStore(tmp_path / "s")
+    for i in range(direct_store.PROBE_WRITES + 2):
+        _set(store, f"c/{i}", _payload(MIN_DIRECT_BYTES, seed=i))
+    assert store.direct and len(direct_calls) == direct_store.PROBE_WRITES + 2
+
+
 def test_only_writable_local_stores_are_wrapped(tmp_path):
     assert type(direct_writes(LocalStore(tmp_path))) is DirectLocalStore
     read_only = LocalStore(tmp_path, read_only=True)
@@ -138,7 +169,8 @@ def test_a_build_written_directly_equals_one_written_through_memory(
 ):
     if not _accepts_o_direct(tmp_path):
         pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
-    monkeypatch.setattr(direct_store, "MIN_DIRECT_BYTES", 0)  # every value, chunks and metadata alike
+    monkeypatch.setattr(direct_store, "MIN_DIRECT_BYTES", 0)  # every value, chunks and metadata alike,
+    monkeypatch.setattr(direct_store, "MIN_DIRECT_BYTES_PER_S", 0)  # however slow tiny writes look
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"Document {i}: " + "a lazy dog sleeps. " * (i % 5 + 2) for i in range(80)))
     cfg = dict(model=ModelSpec(str(llama_dir)), data=DataSpec(str(corpus)), seq_len=8, max_tokens=8 * 24,
