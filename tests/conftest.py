@@ -15,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import FAMILIES, TRAIN_TEXT, make_tiny_model  # noqa: E402
 
+import lenscache.cache.direct_store as direct_store  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -67,3 +69,17 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text("\n\n".join(TRAIN_TEXT * 6), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def direct_calls(monkeypatch) -> list[int]:
+    """Sizes of the values written through O_DIRECT."""
+    calls: list[int] = []
+    real = direct_store._write_direct
+
+    def spy(fd, data, whole, buf):
+        calls.append(len(data))
+        return real(fd, data, whole, buf)
+
+    monkeypatch.setattr(direct_store, "_write_direct", spy)
+    return calls

@@ -34,34 +34,20 @@ def _partials(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.endswith(".partial")]
 
 
-def _accepts_o_direct(directory: Path) -> bool:
-    if not getattr(os, "O_DIRECT", 0):
-        return False
-    try:
-        os.close(os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
-    except OSError:
-        return False
-    (directory / "probe").unlink()
-    return True
-
-
 @pytest.fixture
-def direct_calls(monkeypatch) -> list[int]:
-    """Sizes of the values written through O_DIRECT."""
-    calls: list[int] = []
-    real = direct_store._write_direct
-
-    def spy(fd, data, whole, buf):
-        calls.append(len(data))
-        return real(fd, data, whole, buf)
-
-    monkeypatch.setattr(direct_store, "_write_direct", spy)
-    return calls
-
-
-def test_large_values_are_written_directly_and_read_back_exactly(tmp_path, direct_calls):
-    if not _accepts_o_direct(tmp_path):
+def o_direct(tmp_path) -> None:
+    """Skips the test where the filesystem of its tmp_path refuses O_DIRECT."""
+    if not getattr(os, "O_DIRECT", 0):
+        pytest.skip("this platform has no O_DIRECT")
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError:
         pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    (tmp_path / "probe").unlink()
+
+
+@pytest.mark.usefixtures("o_direct")
+def test_large_values_are_written_directly_and_read_back_exactly(tmp_path, direct_calls):
     store = DirectLocalStore(tmp_path / "s")
     sizes = [MIN_DIRECT_BYTES, MIN_DIRECT_BYTES + 1, MIN_DIRECT_BYTES + ALIGN - 1, 3 * MIN_DIRECT_BYTES + 123]
     for i, n in enumerate(sizes):
@@ -92,9 +78,8 @@ def test_a_filesystem_that_refuses_o_direct_at_open_gets_buffered_writes(tmp_pat
     assert not store.direct and not _partials(tmp_path)
 
 
+@pytest.mark.usefixtures("o_direct")
 def test_a_device_that_refuses_the_direct_write_gets_buffered_writes(tmp_path, monkeypatch):
-    if not _accepts_o_direct(tmp_path):
-        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
     import fcntl
 
     real_write = os.write
@@ -128,9 +113,8 @@ def test_a_failed_write_keeps_the_old_chunk_and_leaves_no_partial_file(tmp_path,
     assert not _partials(tmp_path)
 
 
+@pytest.mark.usefixtures("o_direct")
 def test_a_slow_device_goes_back_to_buffered_writes_after_the_probe(tmp_path, monkeypatch, direct_calls):
-    if not _accepts_o_direct(tmp_path):
-        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
     spied = direct_store._write_direct  # the spy: it counts the calls
 
     def slow(fd, data, whole, buf):  # a device at a fifth of the floor
@@ -148,9 +132,8 @@ def test_a_slow_device_goes_back_to_buffered_writes_after_the_probe(tmp_path, mo
         assert (tmp_path / "s" / "c" / str(i)).read_bytes() == data
 
 
+@pytest.mark.usefixtures("o_direct")
 def test_a_fast_device_keeps_direct_writes_after_the_probe(tmp_path, monkeypatch, direct_calls):
-    if not _accepts_o_direct(tmp_path):
-        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
     monkeypatch.setattr(direct_store, "MIN_DIRECT_BYTES_PER_S", 1.0)  # any real device is faster
     store = DirectLocalStore(tmp_path / "s")
     for i in range(direct_store.PROBE_WRITES + 2):
@@ -164,11 +147,10 @@ def test_only_writable_local_stores_are_wrapped(tmp_path):
     assert direct_writes(read_only) is read_only
 
 
+@pytest.mark.usefixtures("o_direct")
 def test_a_build_written_directly_equals_one_written_through_memory(
     tmp_path, llama_dir, monkeypatch, direct_calls
 ):
-    if not _accepts_o_direct(tmp_path):
-        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
     monkeypatch.setattr(direct_store, "MIN_DIRECT_BYTES", 0)  # every value, chunks and metadata alike,
     monkeypatch.setattr(direct_store, "MIN_DIRECT_BYTES_PER_S", 0)  # however slow tiny writes look
     corpus = tmp_path / "corpus.txt"

@@ -13,7 +13,6 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 import lenscache.cache.build as build_module
-import lenscache.cache.direct_store as direct_store
 from lenscache.cache.build import BuildConfig, build_store
 from lenscache.cache.model import ModelSpec
 from lenscache.cache.text import DataSpec
@@ -42,7 +41,7 @@ def test_sigkill_at_several_points_then_resume_equals_clean_build(llama_dir, cor
     assert result["distinct_kill_states"] >= 2
 
 
-def test_sigkill_during_direct_writes_then_resume_equals_clean_build(llama_dir, tmp_path, monkeypatch):
+def test_sigkill_during_direct_writes_then_resume_equals_clean_build(llama_dir, tmp_path, direct_calls):
     """Rows of 128 sequences of 128 tokens make chunks of 1 MiB and more: the O_DIRECT path."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(
@@ -52,17 +51,9 @@ def test_sigkill_during_direct_writes_then_resume_equals_clean_build(llama_dir, 
         "--model", str(llama_dir), "--data", str(corpus), "--seq-len", "128", "--max-tokens", str(128 * 128 * 3),
         "--batch-size", "32", "--seqs-per-chunk", "128", "--no-progress",
     ]  # fmt: skip
-    direct = []
-    write_direct = direct_store._write_direct
-
-    def counted(fd, data, whole, buf):
-        direct.append(len(data))
-        return write_direct(fd, data, whole, buf)
-
-    monkeypatch.setattr(direct_store, "_write_direct", counted)
     build_store(BuildConfig(out=str(tmp_path / "probe.zarr"), model=ModelSpec(str(llama_dir)), data=DataSpec(str(corpus)),
                             seq_len=128, max_tokens=128 * 128 * 3, batch_size=32, seqs_per_chunk=128, progress=False))  # fmt: skip
-    if not direct:
+    if not direct_calls:  # the build checks O_DIRECT itself
         pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
     result = torture(args, tmp_path, points=2, seed=3)
     assert result["all_ok"], json.dumps(result["kills"], indent=1)
