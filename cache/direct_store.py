@@ -55,7 +55,7 @@ class DirectLocalStore(LocalStore):
         super().__init__(root, read_only=read_only)
         # cleared the first time the filesystem refuses O_DIRECT, or when the device is slow
         self.direct = bool(_O_DIRECT)
-        self._probe = [0, 0, 0.0]  # direct writes timed, their bytes, their seconds
+        self._probed_writes, self._probed_bytes, self._probed_seconds = 0, 0, 0.0
 
     async def set(self, key: str, value: Buffer) -> None:
         if not self.direct or len(value) < MIN_DIRECT_BYTES:
@@ -99,13 +99,15 @@ class DirectLocalStore(LocalStore):
 
     def _timed(self, nbytes: int, seconds: float) -> None:
         """Count a direct write towards the probe; after the last one, keep O_DIRECT only if fast."""
-        probe = self._probe
-        if probe[0] >= PROBE_WRITES:
+        if self._probed_writes >= PROBE_WRITES:
             return
-        probe[0] += 1
-        probe[1] += nbytes
-        probe[2] += seconds
-        if probe[0] == PROBE_WRITES and probe[1] < MIN_DIRECT_BYTES_PER_S * probe[2]:
+        self._probed_writes += 1
+        self._probed_bytes += nbytes
+        self._probed_seconds += seconds
+        if (
+            self._probed_writes == PROBE_WRITES
+            and self._probed_bytes < MIN_DIRECT_BYTES_PER_S * self._probed_seconds
+        ):
             self.direct = False
 
 
