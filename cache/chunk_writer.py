@@ -33,6 +33,8 @@ from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from .faults import fault_point
+
 _SHUFFLE = {BloscShuffle.noshuffle: Blosc.NOSHUFFLE, BloscShuffle.shuffle: Blosc.SHUFFLE,
             BloscShuffle.bitshuffle: Blosc.BITSHUFFLE}  # fmt: skip
 
@@ -130,6 +132,7 @@ async def _put_all(jobs) -> None:
     async def put(store, key: str, chunk: np.ndarray, encode) -> None:
         data = await loop.run_in_executor(_encode_pool(), encode, chunk)
         await store.set(key, buffer.from_bytes(data))
+        fault_point("after-chunk")
 
     # every write finishes (or fails) before the caller goes on to commit or to report
     results = await asyncio.gather(*(put(*job) for job in jobs), return_exceptions=True)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models per family (built once per session), the real model, shared data."""
+"""Shared fixtures: tiny models per family (built once per session), the real model, a small corpus."""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import FAMILIES, TRAIN_TEXT, make_tiny_model  # noqa: E402
 
 import lenscache.cache.direct_store as direct_store  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +40,6 @@ def llama_dir(tiny_model_factory) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_dir(tiny_model_factory) -> Path:
     return tiny_model_factory("gpt2")
-
-
-@pytest.fixture(scope="session")
-def wikitext_path() -> Path:
-    path = SHARED / "wikitext-2-raw" / "wiki.test.raw"
-    if not path.exists():
-        pytest.skip(f"shared data not present at {path} (it sits beside the checkout in CI)")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -396,9 +396,18 @@ def test_module_docstrings_in_source_order_without_importing(tmp_path):
     assert corpus.module_docstrings(root / "nodoc.py") is None
 
 
-def test_wikitext_articles(wikitext_path, plain_tok):
-    spec = DataSpec(str(wikitext_path), doc_regex=r"^ = [^=]")
-    packed = pack_tokens(spec, plain_tok, 256)
-    # 60 articles; a few lines inside articles also look like titles (e.g. " = 1 henry and ... = ")
-    assert 55 <= packed.n_documents <= 70
-    assert packed.tokens.shape[0] > 1000
+def test_wikitext_articles(tmp_path, plain_tok):
+    """A file laid out as WikiText-2 raw is (` = Title = ` lines, ` = = Section = = ` inside articles,
+    blank lines, CRLF endings): the README's doc_regex cuts it into its articles."""
+    words = "the fox , a river @-@ bank , 1 @,@ 200 people . ".split()
+    lines = []
+    for a in range(60):
+        lines += ["", f" = Article {a} = ", ""]
+        for section in range(3):
+            lines += [f" = = Section {section} of {a} = = ", ""]
+            lines += [" " + " ".join(words[(a + i) % len(words)] for i in range(120)) + " ", ""]
+    path = tmp_path / "wiki.test.raw"
+    path.write_bytes("\r\n".join(lines).encode("utf-8"))
+    packed = pack_tokens(DataSpec(str(path), doc_regex=r"^ = [^=]"), plain_tok, 256)
+    assert packed.n_documents == 60
+    assert packed.tokens.shape[0] > 100
