@@ -192,9 +192,6 @@ class ResidualRecorder:
 
         return hook
 
-    def clear(self) -> None:
-        self._captured.clear()
-
     @property
     def states(self) -> list[torch.Tensor]:
         """The recorded boundaries, in `layers` order (empty with a sink)."""

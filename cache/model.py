@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lenscache.device import resolve_device
 from lenscache.errors import ModelError
+from lenscache.tokenizer import tokenizer_hash
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -171,45 +173,6 @@ def weights_hash(model: torch.nn.Module) -> str:
     return f"blake2b:{h.hexdigest()}"
 
 
-def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of the tokenizer's definition plus its special tokens.
-
-    Fast tokenizers hash their serialized JSON; slow ones fall back to the sorted vocabulary.
-    """
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = json.loads(backend.to_str())
-        # Encoding with truncation/padding stores those settings in the backend; they are call
-        # options, not part of what the tokenizer is.
-        definition.pop("truncation", None)
-        definition.pop("padding", None)
-        h.update(json.dumps(definition, sort_keys=True).encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return f"sha256:{h.hexdigest()}"
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
-        raise ModelError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelError(f"device {name!r} requested but CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ModelError(
-                f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)"
-            )
-    return device
-
-
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         # Older GPUs without bfloat16 get float32: float16 overflows in some models' activations.
@@ -278,12 +241,19 @@ def _config_value(config: PretrainedConfig, *names: str) -> Any:
     return None
 
 
+def check_model_spec(spec: ModelSpec) -> None:
+    """The checks of `spec` that need no download or load: device, dtype, and a local path that exists."""
+    _resolve_dtype(spec.dtype, resolve_device(spec.device))
+    if spec.name != "default":
+        _resolve_source(spec)
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load model and tokenizer for forward passes; every problem with the model raises ModelError."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    device = _resolve_device(spec.device)
+    device = resolve_device(spec.device)
     dtype = _resolve_dtype(spec.dtype, device)
     source, where, kwargs = _resolve_source(spec)
     if spec.trust_remote_code:

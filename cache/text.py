@@ -314,6 +314,26 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return bos is not None and tokenizer.encode("a")[:1] == [bos]
 
 
+def check_packing(seq_len: int, max_tokens: int | None) -> None:
+    """Refuse packing settings that cannot give a sequence (cheap: no tokenizer needed)."""
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    if max_tokens is not None and max_tokens < seq_len:
+        raise DataError(f"max_tokens ({max_tokens}) is smaller than one sequence (seq_len {seq_len})")
+
+
+def check_source(spec: DataSpec) -> None:
+    """Open `spec` and read its first document, so a missing or malformed source fails in a second,
+    before a model is loaded. Hub datasets are only checked for a name (reading one is the slow part)."""
+    if spec.source.startswith("hf:"):
+        if not spec.source.removeprefix("hf:"):
+            raise DataError("hf: needs a dataset name, e.g. hf:Salesforce/wikitext")
+        _import_datasets()
+        return
+    with closing(iter_documents(spec)) as docs:
+        next(docs)
+
+
 def pack_tokens(
     spec: DataSpec,
     tokenizer: Any,
@@ -330,10 +350,7 @@ def pack_tokens(
     max_tokens: at most max_tokens // seq_len sequences; reading stops once they are filled.
     The final partial sequence is dropped.
     """
-    if seq_len < 2:
-        raise DataError(f"seq_len must be at least 2, got {seq_len}")
-    if max_tokens is not None and max_tokens < seq_len:
-        raise DataError(f"max_tokens ({max_tokens}) is smaller than one sequence (seq_len {seq_len})")
+    check_packing(seq_len, max_tokens)
     bos = _bos_id(tokenizer, prepend_bos)
     sep = _separator_id(tokenizer, separator)
     body = seq_len - 1 if bos is not None else seq_len

@@ -18,6 +18,7 @@ lens of kind ``affine`` in the tuned-lens parametrisation ``h + (W h + b)``: W =
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ import dask
 import dask.bag
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+from tqdm.dask import TqdmCallback
 
 from lenscache.errors import LensCacheError
 from lenscache.reader import Store, open_store
@@ -122,11 +125,21 @@ def _fold(store: Store, seqs: range, layers: list[int], partitions: int) -> dask
 
 
 def stream_moments(
-    store: Store, seqs: range, layers: list[int], scheduler: str | None = None, partitions: int | None = None
+    store: Store,
+    seqs: range,
+    layers: list[int],
+    scheduler: str | None = None,
+    partitions: int | None = None,
+    progress: str | None = None,
 ) -> Moments:
-    """Moments over `seqs`, map-reduced with Dask (threads unless another scheduler is active)."""
+    """Moments over `seqs`, map-reduced with Dask (threads unless another scheduler is active).
+
+    `progress`: a label for a progress bar over the Dask tasks (local schedulers; a distributed
+    cluster has its own dashboard)."""
     scheduler = scheduler or dask.config.get("scheduler", None) or "threads"
-    (result,) = dask.compute(_fold(store, seqs, layers, partitions or 4), scheduler=scheduler)
+    bar = TqdmCallback(desc=progress, unit="task") if progress else contextlib.nullcontext()
+    with bar:
+        (result,) = dask.compute(_fold(store, seqs, layers, partitions or 4), scheduler=scheduler)
     return result
 
 
@@ -163,6 +176,7 @@ def fit_affine(
     partitions: int | None = None,
     held_out_fraction: float = 0.1,
     max_sequences: int | None = None,
+    progress: bool = False,
 ) -> Lens:
     """Fit the closed-form affine lens on the store's train split (`ridge=None`: choose per layer)."""
     meta = store.meta
@@ -180,13 +194,16 @@ def fit_affine(
     val_seqs = range(train.start + inner.held_out.start, train.start + inner.held_out.stop)
 
     started = time.perf_counter()
-    fit_m = stream_moments(store, fit_seqs, layers, scheduler, partitions)
-    val_m = stream_moments(store, val_seqs, layers, scheduler, partitions)
+    fit_m = stream_moments(store, fit_seqs, layers, scheduler, partitions, "affine: moments" if progress else None)
+    val_m = stream_moments(
+        store, val_seqs, layers, scheduler, partitions, "affine: validation moments" if progress else None
+    )
     moments_s = time.perf_counter() - started
 
     n_layers = len(layers)
     if ridge is None:
-        errors = np.stack([squared_error(val_m, *solve(fit_m, r)) for r in RIDGE_GRID])  # (grid, L)
+        grid = tqdm(RIDGE_GRID, desc="affine: ridge per layer", disable=not progress, leave=False)
+        errors = np.stack([squared_error(val_m, *solve(fit_m, r)) for r in grid])  # (grid, L)
         chosen = [RIDGE_GRID[int(k)] for k in errors.argmin(0)]
         val_mse = (errors.min(0) / max(1, val_m.n * meta.d_model)).tolist()
     else:

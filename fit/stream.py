@@ -92,8 +92,13 @@ class StreamSpec:
     skip_batches: int = 0  # resume: minibatches already consumed (read, not yielded)
 
     def __post_init__(self) -> None:
-        if self.batch_tokens < 1 or self.buffer_tokens < 1 or self.read_ahead < 0:
-            raise LensCacheError("batch_tokens and buffer_tokens must be >= 1, read_ahead >= 0")
+        for name in ("batch_tokens", "buffer_tokens", "epochs", "workers"):
+            if getattr(self, name) < 1:
+                raise LensCacheError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {getattr(self, name)}")
+        if self.read_ahead < 0:
+            raise LensCacheError(f"read_ahead must be >= 0, got {self.read_ahead}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise LensCacheError(f"max_tokens (--max-tokens) must be at least 1, got {self.max_tokens}")
         if self.dtype not in ("float32", "bfloat16"):
             raise LensCacheError(f"stream dtype must be float32 or bfloat16, not {self.dtype!r}")
         if self.split not in SPLITS:
@@ -387,10 +392,3 @@ class ResidualStream:
             index=index,
             epoch=epoch,
         )
-
-
-def stream(store: Store | str, spec: StreamSpec | None = None) -> ResidualStream:
-    """Python API shortcut: `for batch in stream("store.zarr", StreamSpec(layers=[0, 4])): ...`."""
-    from lenscache.reader import open_store
-
-    return ResidualStream(store if isinstance(store, Store) else open_store(store), spec)

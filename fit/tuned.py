@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lenscache.device import resolve_device
 from lenscache.errors import LensCacheError
 from lenscache.reader import Store
 
@@ -46,12 +47,22 @@ class TunedConfig:
     weight_decay: float = 1e-3
     clip: float = 1.0
     loss: str = "kl"  # kl | ce
-    checkpoint_every: int = 50
+    checkpoint_every: int = 50  # steps between checkpoints; 0: none
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.loss not in ("kl", "ce"):
             raise LensCacheError(f"loss must be 'kl' or 'ce', not {self.loss!r}")
+        checks = {
+            "lr (--lr) must be > 0": self.lr > 0,
+            "momentum must be in [0, 1)": 0 <= self.momentum < 1,
+            "weight_decay (--weight-decay) must be >= 0": self.weight_decay >= 0,
+            "clip must be > 0": self.clip > 0,
+            "checkpoint_every (--checkpoint-every) must be >= 0 (0: no checkpoints)": self.checkpoint_every >= 0,
+        }
+        failed = [what for what, ok in checks.items() if not ok]
+        if failed:
+            raise LensCacheError(f"tuned-lens settings out of range: {'; '.join(failed)}")
 
 
 def _settings(spec: StreamSpec, cfg: TunedConfig, layers: list[int], init: str) -> dict[str, Any]:
@@ -119,7 +130,7 @@ def fit_tuned(
     total_steps = stream.n_batches()
     settings = _settings(spec, cfg, layers, init.config.kind if init is not None else "identity")
 
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     lens = Lens.identity(store, layers, kind="tuned").to(device)
     if init is not None:
         with torch.no_grad():

@@ -22,7 +22,6 @@ from . import quant
 from .errors import StoreError
 from .schema import LOGICAL_DTYPE_ATTR, RESID_SCALE
 
-STORAGE_DTYPES = ("bfloat16", "float16", "float32", "int8")
 # zarr dtype that carries each logical storage dtype
 CARRIER = {"bfloat16": "uint16", "float16": "float16", "float32": "float32", "int8": "int8"}
 _TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -22,7 +22,7 @@ from lenscache.cache.model import (
     tokenizer_hash,
     weights_hash,
 )
-from lenscache.errors import ModelError
+from lenscache.errors import DeviceError, LensCacheError, ModelError
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt"])
@@ -106,13 +106,13 @@ def test_auto_dtype_and_device_on_cpu(llama_dir, monkeypatch):
     ],
 )
 def test_bad_options(llama_dir, device, dtype, message):
-    with pytest.raises(ModelError, match=message):
+    with pytest.raises(LensCacheError, match=message):
         load_model(ModelSpec(str(llama_dir), device=device, dtype=dtype))
 
 
 def test_cuda_without_cuda(llama_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ModelError, match="CUDA is not available"):
+    with pytest.raises(DeviceError, match="CUDA is not available"):
         load_model(ModelSpec(str(llama_dir), device="cuda"))
 
 

@@ -30,6 +30,8 @@ def parse_layers(text: str | None) -> list[int] | None:
         raise click.BadParameter(
             f"cannot parse {text!r}; use e.g. 'all', '0,4,8', '0-10' or '0-30:5'"
         ) from None
+    if not layers:
+        raise click.BadParameter(f"{text!r} selects no layer boundary (a range runs low-high)")
     return layers
 
 
@@ -99,6 +101,17 @@ def cli() -> None:
 @click.option("--separator", default=None, help="Token placed between documents (default: EOS).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build of the same store.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing lenscache store at --out.")
+@click.option(
+    "--break-lock",
+    is_flag=True,
+    help="Take over the store's writer lock even when its holder cannot be checked (another host).",
+)
+@click.option(
+    "--no-fsync",
+    is_flag=True,
+    help="Local stores: do not wait for each row to reach the device before committing it (faster on "
+    "slow disks; a killed process still resumes, an OS crash or power loss may then lose rows).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def build(**kw) -> None:
@@ -124,6 +137,8 @@ def build(**kw) -> None:
         separator=kw["separator"],
         resume=kw["resume"],
         overwrite=kw["overwrite"],
+        fsync=not kw["no_fsync"],
+        break_lock=kw["break_lock"],
         progress=not kw["no_progress"],
     )
     keep_freed_memory()  # this process exists to build: reuse freed memory batch after batch
@@ -192,14 +207,22 @@ def verify(store: str, as_json: bool) -> None:
     sys.exit(0 if report.ok else 1)
 
 
+def _check_out_dir(out: str, option: str = "--out") -> None:
+    """Refuse an output directory that cannot be one, before any long work."""
+    from pathlib import Path
+
+    where = Path(out)
+    if where.exists() and not where.is_dir():
+        raise click.UsageError(f"{option} {out} exists and is not a directory; nothing was written")
+
+
 def _check_lens_out(out: str, overwrite: bool, resume: bool) -> None:
     from pathlib import Path
 
     from lenscache.fit.lens import CONFIG_FILE
 
+    _check_out_dir(out)
     where = Path(out)
-    if where.exists() and not where.is_dir():
-        raise click.UsageError(f"--out {out} exists and is not a directory; nothing was written")
     if (where / CONFIG_FILE).exists() and not (overwrite or resume):
         raise click.UsageError(f"--out {out} already holds a lens; pass --overwrite to replace it")
     if where.is_dir() and any(where.iterdir()) and not (where / CONFIG_FILE).exists() and not resume:
@@ -255,9 +278,9 @@ def fit(store: str, out: str, kind: str, init: str, **kw) -> None:
         layers = layers or [b for b in st.layers if b != st.meta.n_layers]
         lens = Lens.identity(st, layers, kind="logit", method="logit")
     elif kind == "affine":
-        lens = fit_affine(st, layers, ridge=kw["ridge"])
+        lens = fit_affine(st, layers, ridge=kw["ridge"], progress=not kw["no_progress"])
     else:
-        start = fit_affine(st, layers, ridge=kw["ridge"]) if init == "affine" else None
+        start = fit_affine(st, layers, ridge=kw["ridge"], progress=not kw["no_progress"]) if init == "affine" else None
         spec = StreamSpec(
             layers=layers,
             batch_tokens=kw["batch_tokens"],
@@ -311,7 +334,8 @@ def _lens_args(items: tuple[str, ...]) -> dict[str, str]:
     "--tokenizer",
     default="auto",
     show_default=True,
-    help="For bits per byte: a tokenizer path or id; 'auto' tries the store's model; 'none' skips.",
+    help="For bits per byte: 'auto' uses the store's own; 'none' skips; or, for a store built without "
+    "one, the model's tokenizer directory, .gguf file or hub id.",
 )
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-plot", is_flag=True)
@@ -323,6 +347,7 @@ def evaluate_cmd(store: str, lens_dirs: tuple[str, ...], out: str, **kw) -> None
     from lenscache.fit.lens import Lens
     from lenscache.reader import open_store
 
+    _check_out_dir(out)
     st = open_store(store)
     lenses = {name: Lens.load(path) for name, path in _lens_args(lens_dirs).items()}
     report = evaluate(
@@ -342,15 +367,16 @@ def evaluate_cmd(store: str, lens_dirs: tuple[str, ...], out: str, **kw) -> None
 
 
 def _tokenizer(st, choice: str):
-    """The tokenizer for counting bytes, or None (with a note) when it cannot be had."""
+    """The tokenizer for counting bytes, or None (with a note saying what to pass) when the store has none."""
     if choice == "none":
         return None
-    from lenscache.analysis.evaluate import store_tokenizer
+    from lenscache.tokenizer import MissingTokenizer, store_tokenizer
 
-    tokenizer = store_tokenizer(st, None if choice == "auto" else choice)
-    if tokenizer is None:
-        click.echo("note: the store's tokenizer is not available here; bits per byte are omitted", err=True)
-    return tokenizer
+    try:
+        return store_tokenizer(st, None if choice == "auto" else choice)
+    except MissingTokenizer as exc:
+        click.echo(f"note: {exc}; bits per byte are omitted", err=True)
+        return None
 
 
 @cli.group()
@@ -366,6 +392,7 @@ def lens_export(lens_dir: str, to: str) -> None:
     from lenscache.fit.lens import Lens
     from lenscache.fit.tuned_lens_format import export_tuned_lens
 
+    _check_out_dir(to, "--to")
     click.echo(f"wrote {export_tuned_lens(Lens.load(lens_dir), to)}")
 
 
@@ -381,11 +408,15 @@ def lens_import(tuned_lens_dir: str, store: str, out: str) -> None:
     click.echo(f"wrote {import_tuned_lens(tuned_lens_dir, open_store(store)).save(out)}")
 
 
-def main() -> None:
+INTERRUPTED = "interrupted; an interrupted build continues with --resume"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every expected error becomes one line on stderr and a non-zero exit, never a traceback."""
     try:
-        cli(standalone_mode=False)
+        cli.main(args=argv, prog_name="lenscache", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("interrupted; an interrupted build continues with --resume", err=True)
+        click.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -393,8 +424,12 @@ def main() -> None:
     except LensCacheError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except OSError as exc:  # a path that cannot be read or written, a full disk: the user's to fix
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
+        click.echo(f"error: {exc}{where}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("interrupted; an interrupted build continues with --resume", err=True)
+        click.echo(INTERRUPTED, err=True)
         sys.exit(130)
 
 
