@@ -26,17 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lenscache import __version__
-from lenscache.errors import LensCacheError
+from lenscache.errors import LensError
 from lenscache.reader import Store
 
 LENS_KINDS = ("logit", "tuned", "affine")
 WEIGHTS_FILE = "lens.safetensors"
 CONFIG_FILE = "lens.json"
 FORMAT = "lenscache-lens/1"
-
-
-class LensError(LensCacheError):
-    """A lens file is malformed, or does not belong to the store it is applied to."""
 
 
 @dataclass
@@ -82,6 +78,8 @@ class Lens(torch.nn.Module):
     @classmethod
     def identity(cls, store: Store, layers: list[int], kind: str = "logit", **fit: Any) -> Lens:
         """A zero lens (the logit lens) for `layers` of the store's model."""
+        for layer in layers:
+            store.layer_index(layer)  # a lens only for boundaries the store has
         meta = store.meta
         return cls(LensConfig(kind, list(layers), meta.d_model, meta.n_layers, model_identity(store), fit))
 
@@ -141,6 +139,7 @@ class Lens(torch.nn.Module):
             if name not in tensors or tuple(tensors[name].shape) != shape:
                 got = tuple(tensors[name].shape) if name in tensors else "nothing"
                 raise LensError(f"lens tensor {name!r} in {where} has shape {got}, expected {shape}")
+            _check_finite(tensors[name], name, config.layers, where)
         with torch.no_grad():
             lens.weight.copy_(tensors["weight"])
             lens.bias.copy_(tensors["bias"])
@@ -160,4 +159,15 @@ class Lens(torch.nn.Module):
             raise LensError(
                 f"lens shape (d_model {self.config.d_model}, {self.config.n_layers} layers) does not match "
                 f"the store (d_model {meta.d_model}, {meta.n_layers} layers)"
+            )
+
+
+def _check_finite(tensor: torch.Tensor, name: str, layers: list[int], where: Path) -> None:
+    """Refuse NaN or inf weights: they would turn every translated row into NaN without an error."""
+    bad = (~torch.isfinite(tensor)).flatten(1).sum(1) if tensor.numel() else torch.zeros(0)
+    for layer, count in zip(layers, bad.tolist(), strict=True):
+        if count:
+            raise LensError(
+                f"lens {name} for layer {layer} in {where} has {count:,} non-finite values (NaN or inf); "
+                "refit the lens"
             )

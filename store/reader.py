@@ -1,9 +1,11 @@
 """The one reader of lenscache stores. Fitting, analysis and the tools all go through `open_store`.
 
-Opening a store someone else wrote is safe: before any chunk is read, every array's metadata is
-checked against an allowlist of codecs (no pickle or unknown codecs, which could run code) and
-numeric dtypes, and the schema version is checked. Readers see only committed sequences, so a
-store that is still being built can be read while it grows.
+Opening a store someone else wrote is safe: before any chunk is read, the checks of
+`lenscache.guard` run (codec and dtype allowlists, declared shapes against the metadata, chunk
+sizes), every chunk is read through `GuardedStore` (its declared decompressed size is checked
+before zarr decompresses it), and a local store may hold no symbolic link or special file
+(`lenscache.location`). Readers see only committed sequences, so a store that is still being built
+can be read while it grows.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from zarr.core.sync import sync
 
 from . import location
 from .encoding import decode, join_lo16, logical_dtype
-from .errors import StoreError
+from .errors import LensCacheError, SelectionError, StoreError
+from .guard import (
+    GuardedStore,
+    check_array_safe,
+    check_declared_sizes,
+    safe_reason,
+)
 from .head import Unembed
 from .quant import block_dequantize
 from .schema import (
@@ -38,26 +46,7 @@ from .schema import (
     StoreMeta,
 )
 
-SAFE_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"})
-SAFE_DTYPE_KINDS = frozenset("iuf")  # integers and floats; never object, string or void
 Seqs = slice | range | np.ndarray | list[int]
-
-
-def check_array_safe(path: str, array: zarr.Array) -> None:
-    """Refuse arrays whose decoding could execute code or that are not plain numbers."""
-    md = array.metadata
-    if getattr(md, "zarr_format", None) != 3:
-        raise StoreError(f"array {path!r} is not a Zarr v3 array; lenscache stores are Zarr v3 only")
-    kind = np.dtype(array.dtype).kind if isinstance(array.dtype, np.dtype) else "O"
-    if kind not in SAFE_DTYPE_KINDS:
-        raise StoreError(f"array {path!r} has non-numeric dtype {array.dtype}; refusing to open it")
-    for codec in md.codecs:
-        name = codec.to_dict()["name"]
-        if name not in SAFE_CODECS:
-            raise StoreError(
-                f"array {path!r} uses codec {name!r}, which lenscache does not open (allowed: "
-                f"{', '.join(sorted(SAFE_CODECS))}); refusing before reading any data"
-            )
 
 
 class Store:
@@ -80,22 +69,30 @@ class Store:
             raise StoreError(
                 f"store {url} lists members outside the store ({', '.join(bad)}); refusing to open it"
             )
+        root = location.local_root(url)
+        if root is not None:
+            location.check_local_tree(root)  # no link or special file anywhere in the store
+        guard = GuardedStore(location.zarr_store(url, read_only=True))
         try:
-            self.group = zarr.open_group(
-                store=location.zarr_store(url, read_only=True), mode="r", use_consolidated=False
-            )
+            self.group = zarr.open_group(store=guard, mode="r", use_consolidated=False)
+        except LensCacheError:
+            raise
         except Exception as exc:  # zarr raises many types for malformed metadata
             raise StoreError(f"cannot open {url} as a Zarr v3 group: {exc}") from exc
         self.meta = StoreMeta.from_dict(self.group.attrs.get(META_KEY))
         self.arrays: dict[str, zarr.Array] = {}
         try:
             members = list(self.group.members(max_depth=None))
+        except LensCacheError:
+            raise
         except Exception as exc:
             raise StoreError(f"cannot read the array metadata of {url}: {exc}") from exc
         for path, node in members:
             if isinstance(node, zarr.Array):
                 check_array_safe(path, node)
                 self.arrays[path] = node
+        # only now may chunks be read: each through the rule of its checked array
+        guard.rules.update(check_declared_sizes(self.meta, self.arrays))
         for required in (TOKENS, RESID, LOGSUMEXP):
             if required not in self.arrays:
                 raise StoreError(f"store {url} has no {required!r} array")
@@ -138,11 +135,11 @@ class Store:
         if isinstance(seqs, slice):
             start, stop, step = seqs.indices(n)
             if (seqs.stop or 0) > n:
-                raise IndexError(f"sequences up to {seqs.stop} requested but only {n} are committed")
+                raise SelectionError(f"sequences up to {seqs.stop} requested but only {n} are committed")
             return slice(start, stop, step)
         idx = np.asarray(seqs, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"sequence index outside the {n} committed sequences")
+            raise SelectionError(f"sequence index outside the {n} committed sequences")
         return idx
 
     def _read(self, name: str, selection: tuple) -> np.ndarray:
@@ -155,7 +152,9 @@ class Store:
         except Exception as exc:
             bad = self._find_bad_chunk(name, selection)
             where = f"chunk {bad}" if bad else "a chunk"
-            raise StoreError(f"array {name!r}: {where} is corrupt or unreadable ({exc})") from exc
+            raise StoreError(
+                f"array {name!r}: {where} is corrupt or unreadable ({safe_reason(exc)})"
+            ) from exc
 
     def _find_bad_chunk(self, name: str, selection: tuple) -> tuple[int, ...] | None:
         arr = self.arrays[name]
@@ -256,6 +255,16 @@ class Store:
         if "unembed" not in arrays:
             raise StoreError(f"store {self.url} has no head/unembed array")
         return Unembed(self.meta.head, arrays)
+
+    def tokenizer(self) -> Any:
+        """The store's own tokenizer, rebuilt offline and hash-checked (`lenscache.tokenizer`); loaded once."""
+        return self._own_tokenizer
+
+    @cached_property
+    def _own_tokenizer(self) -> Any:
+        from .tokenizer import stored_tokenizer
+
+        return stored_tokenizer(self)
 
     def final_logprobs(self, seqs: Seqs | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """Exact final next-token log-probabilities (n, seq_len, vocab), recomputed from the head."""
