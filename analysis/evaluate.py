@@ -4,7 +4,8 @@ For every lens (the logit lens is always included) and every layer boundary: KL(
 cross-entropy against the next token, entropy of the lens distribution and top-1 agreement with the
 final prediction; plus one row for the model's own output (the last boundary through the head).
 Everything is accumulated over the stream in float64, in nats, and converted to bits per byte
-(the tuned-lens paper's unit) when the tokenizer is at hand to count the held-out text's bytes.
+(the tuned-lens paper's unit) with the tokenizer the store carries (`lenscache.tokenizer`), which
+counts the held-out text's bytes without the model.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lenscache.device import resolve_device
+from lenscache.errors import LensError
 from lenscache.fit.lens import Lens
 from lenscache.fit.losses import FinalDist, entropy, layer_groups, log_probs, next_token_ce
 from lenscache.fit.stream import IGNORE_INDEX, ResidualStream, StreamSpec
 from lenscache.reader import Store
-
-METRICS = ("kl", "ce", "entropy", "top1_agreement")
-MODEL_ROW = "model"
+from lenscache.tokenizer import MissingTokenizer
 
 
 @dataclass
@@ -106,28 +107,6 @@ def _accumulate(acc: LayerMetrics, final: FinalDist, logp: torch.Tensor, nxt: to
     acc.n += logp.shape[0]
 
 
-def store_tokenizer(store: Store, name: str | None = None) -> Any:
-    """The tokenizer of the store's model (or `name`), loaded offline when possible; None if unavailable."""
-    from transformers import AutoTokenizer
-
-    if name is not None:
-        return AutoTokenizer.from_pretrained(name)
-    model = store.meta.model
-    candidates = [(model.get("tokenizer") or {}).get("name"), model.get("source"), model.get("id")]
-    if model.get("source") == "default":
-        from lenscache.cache.model import default_model_dir
-
-        candidates.insert(0, str(default_model_dir()))
-    for candidate in candidates:
-        if not candidate:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(candidate)
-        except Exception:  # not local and no hub: try the next name
-            continue
-    return None
-
-
 def count_bytes(store: Store, seqs: range, tokenizer: Any) -> int:
     """UTF-8 bytes of the text of each sequence's predicted tokens (positions 1..P-1)."""
     total = 0
@@ -147,11 +126,22 @@ def evaluate(
     split: str = "held_out",
     max_tokens: int | None = None,
     batch_tokens: int = 256,
-    tokenizer: Any = None,
+    tokenizer: Any = "auto",
     device: str = "cpu",
     progress: bool = True,
 ) -> EvalReport:
-    """Metrics per layer for the logit lens and each lens in `lenses`, on a split of the store."""
+    """Metrics per layer for the logit lens and each lens in `lenses`, on a split of the store.
+
+    `tokenizer` counts the text's bytes for bits per byte: "auto" takes the store's own
+    (`Store.tokenizer`), None skips them; any other value is used as the tokenizer.
+    """
+    notes: list[str] = []
+    if isinstance(tokenizer, str) and tokenizer == "auto":
+        try:  # before the pass: a tampered tokenizer is refused before any work
+            tokenizer = store.tokenizer()
+        except MissingTokenizer as exc:
+            notes.append(str(exc))
+            tokenizer = None
     lenses = dict(lenses or {})
     for lens in lenses.values():
         lens.check_compatible(store)
@@ -164,8 +154,11 @@ def evaluate(
     for name, lens in lenses.items():
         missing = [layer for layer in layers if layer not in lens.layers]
         if missing:
-            raise ValueError(f"lens {name!r} has no translator for layers {missing}; pass --layers")
-    dev = torch.device(device)
+            raise LensError(
+                f"lens {name!r} has no translator for layers {missing} of this store; "
+                f"choose layers it has (layers=…, --layers): {lens.layers}"
+            )
+    dev = resolve_device(device)
     unembed = store.unembed.to(dev)
     lenses = {name: lens.to(dev) for name, lens in lenses.items()}
     names = ["logit", *lenses]
@@ -193,7 +186,6 @@ def evaluate(
     bar.close()
     seqs = stream.seqs
     n_bytes = None
-    notes = []
     if tokenizer is not None:
         covered = range(seqs.start, seqs.start + math.ceil(n_tokens / store.seq_len))
         n_bytes = count_bytes(store, covered, tokenizer)

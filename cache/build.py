@@ -25,13 +25,15 @@ from lenscache import __version__, location
 from lenscache.encoding import CARRIER, CodecPreset, get_preset
 from lenscache.errors import DataError, LensCacheError, ModelError, ResumeMismatch, StoreError
 from lenscache.head import Unembed
+from lenscache.lock import read_lock, writer_lock
 from lenscache.schema import QUANT_SCHEMA_VERSION, BuildState, StoreMeta, plan_seq_chunks
+from lenscache.tokenizer import serialize as serialize_tokenizer
 
 from .arch import ResidualRecorder, extract_head, find_taps
 from .chunk_writer import available_cores
-from .model import LoadedModel, ModelSpec, load_model
+from .model import LoadedModel, ModelSpec, check_model_spec, load_model
 from .staging import BatchOutput, RowEncoder, to_host
-from .text import DataSpec, PackedTokens, pack_tokens
+from .text import DataSpec, PackedTokens, check_packing, check_source, pack_tokens
 from .writer import StoreWriter, utcnow
 
 DEFAULT_TOKENS_PER_BATCH = 4096
@@ -59,6 +61,8 @@ class BuildConfig:
     separator: str | None = None
     resume: bool = False
     overwrite: bool = False
+    break_lock: bool = False  # take over a writer lock whose holder cannot be checked (--break-lock)
+    fsync: bool = True  # local stores: a row is on the device before the commit that names it
     progress: bool = True
 
 
@@ -160,8 +164,42 @@ def _open_for_resume(cfg: BuildConfig, identity: dict) -> StoreWriter:
     return writer
 
 
+def check_config(cfg: BuildConfig) -> None:
+    """Every check that needs no model, so that a bad option fails before a model takes its time to load."""
+    for name in ("batch_size", "seqs_per_chunk"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise DataError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {value}")
+    if cfg.topk < 0:
+        raise DataError(f"topk (--topk) must be >= 0, got {cfg.topk}")
+    if cfg.layers is not None:
+        if not cfg.layers:
+            raise DataError("layers (--layers) selects no layer boundary")
+        if min(cfg.layers) < 0:
+            raise DataError(f"layers (--layers) must be boundaries >= 0, got {sorted(set(cfg.layers))}")
+    if cfg.resume and cfg.overwrite:
+        raise DataError("resume and overwrite (--resume, --overwrite) exclude each other")
+    get_preset(cfg.codec)
+    check_model_spec(cfg.model)
+    check_packing(cfg.seq_len, cfg.max_tokens)
+    check_source(cfg.data)
+
+
 def build_store(cfg: BuildConfig) -> BuildSummary:
-    """Run the model over the data and write (or resume) the store at `cfg.out`."""
+    """Run the model over the data and write (or resume) the store at `cfg.out`, holding its writer lock."""
+    if read_lock(cfg.out) is None:
+        _out_state(cfg)  # before the lock: no lock file is left in a directory that holds no store
+    check_config(cfg)
+    # One writer per store: a second one fails here (StoreLocked, naming the holder), before a model
+    # loads or a byte is written. The state is checked again under the lock: what it was before may
+    # have been another writer's work in progress.
+    with writer_lock(
+        cfg.out, command="build", clear_stale=cfg.resume or cfg.overwrite, break_lock=cfg.break_lock
+    ):
+        return _build_locked(cfg, _out_state(cfg))
+
+
+def _out_state(cfg: BuildConfig) -> str:
     state = location.classify(cfg.out)
     if state == "other":
         raise StoreError(f"{cfg.out} exists and is not a lenscache store; refusing to write there")
@@ -169,9 +207,10 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
         raise StoreError(
             f"{cfg.out} already holds a store: pass --resume to continue it or --overwrite to replace it"
         )
-    if cfg.topk < 0:
-        raise DataError("--topk must be >= 0")
+    return state
 
+
+def _build_locked(cfg: BuildConfig, state: str) -> BuildSummary:
     loaded = load_model(cfg.model)
     taps = find_taps(loaded.model)
     n_layers = taps.n_layers
@@ -239,10 +278,17 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
         # Check the head before anything is written (or an old store replaced): a store whose
         # logits cannot be trusted is worse than none. One sequence covers every vocabulary entry.
         meta.head.check_max_abs_error = _check_head(loaded, taps, unembed, packed.tokens[:1])
+        # the tokenizer travels with the store, so its text can be read where the model is not
+        stored = serialize_tokenizer(loaded.tokenizer)
+        meta.tokenizer = stored.record if stored else None
         if replace:
-            location.remove(cfg.out)
-        writer = StoreWriter.create(cfg.out, meta, preset, packed.tokens, head_arrays, existing=writer)
+            location.remove(cfg.out, keep_lock=True)  # the old store goes; this writer's lock stays
+        writer = StoreWriter.create(
+            cfg.out, meta, preset, packed.tokens, head_arrays, existing=writer,
+            tokenizer=stored.arrays if stored else None,
+        )  # fmt: skip
 
+    writer.fsync = cfg.fsync
     return _run(cfg, loaded, taps, packed, writer, RowEncoder(writer.meta, preset), layers, start)
 
 

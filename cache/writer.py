@@ -21,6 +21,7 @@ from lenscache.encoding import CARRIER, SERIALIZER, CodecPreset, compressors
 from lenscache.errors import StoreError
 from lenscache.quant import n_blocks
 from lenscache.schema import (
+    CHUNK_TARGET_BYTES,
     DIMS,
     FINAL_EXACT,
     FINAL_LO,
@@ -32,6 +33,8 @@ from lenscache.schema import (
     META_KEY,
     RESID,
     RESID_SCALE,
+    TOKENIZER,
+    TOKENIZER_DIMS,
     TOKENS,
     TOPK_IDS,
     TOPK_LOGPROBS,
@@ -41,7 +44,8 @@ from lenscache.schema import (
 )
 
 from .chunk_writer import RegionWrite, write_whole_chunks
-from .direct_store import direct_writes
+from .direct_store import DirectLocalStore, direct_writes
+from .faults import fault_point
 
 # Every chunk the writer writes lands on disk, even one equal to the fill value (a zero norm bias,
 # an all-zero layer block): verify expects each written chunk to exist, and it spares zarr a scan
@@ -129,6 +133,7 @@ class StoreWriter:
         self.group = group
         self.counter = counter
         self.meta = meta
+        self.fsync = True  # commits wait until the row is on the device (see `sync`)
         self._arrays: dict[str, zarr.Array] = {}
 
     @classmethod
@@ -141,17 +146,27 @@ class StoreWriter:
         head_arrays: dict[str, np.ndarray],
         *,
         existing: StoreWriter | None = None,
+        tokenizer: dict[str, bytes] | None = None,
     ) -> StoreWriter:
-        """Lay out a new store (or re-lay an 'initializing' one) and write tokens and head."""
-        if existing is None:
-            counter = CountingStore(direct_writes(location.zarr_store(url, read_only=False)))
-            group = zarr.open_group(store=counter, mode="w")
-        else:
-            counter, group = existing.counter, existing.group
+        """Lay out a new store (or re-lay an 'initializing' one) and write tokens, head and tokenizer.
+
+        `tokenizer` holds the bytes of each ``tokenizer/*`` array (`lenscache.tokenizer.serialize`).
+        """
         meta.build.status = "initializing"
         meta.build.committed = 0
+        if existing is None:
+            # what zarr's mode "w" would do, but the writer lock (lenscache.lock) stays
+            location.remove(url, keep_lock=True)
+            counter = CountingStore(direct_writes(location.zarr_store(url, read_only=False)))
+            # the group is born with its lenscache metadata (one write): a bare group left by a kill
+            # here would be "not a lenscache store" and refuse --resume
+            group = zarr.open_group(store=counter, mode="a", attributes={META_KEY: meta.to_dict()})
+            fault_point("group-created")
+        else:
+            counter, group = existing.counter, existing.group
         writer = cls(group, counter, meta)
         writer._write_meta()
+        fault_point("after-init")
         for plan in plan_arrays(meta, preset):
             attrs = {LOGICAL_DTYPE_ATTR: plan.logical_dtype} if plan.logical_dtype else {}
             item = np.dtype(plan.zarr_dtype).itemsize
@@ -167,6 +182,7 @@ class StoreWriter:
                 attributes=attrs,
                 overwrite=True,
             )
+        fault_point("after-layout")
         head = group.require_group(HEAD)
         for name, value in head_arrays.items():
             arr = head.create_array(
@@ -181,9 +197,15 @@ class StoreWriter:
                 config=WRITE_EVERY_CHUNK,
             )
             arr[...] = value
+        if tokenizer is not None:
+            _write_bytes(group.require_group(TOKENIZER), tokenizer)
+        fault_point("head-written")
         writer._array(TOKENS)[...] = tokens
+        fault_point("tokens-written")
         meta.build.status = "building"
         writer._write_meta()
+        writer.sync()
+        fault_point("after-commit", 0)
         return writer
 
     @classmethod
@@ -217,14 +239,44 @@ class StoreWriter:
         return self._arrays[name]
 
     def commit(self, committed: int) -> None:
+        """Advance the committed count past rows whose chunks are all written (and, `fsync`, on disk)."""
+        fault_point("before-commit", committed)
+        self.sync()
         self.meta.build.committed = committed
         if committed == self.meta.n_sequences:
             self.meta.build.status = "complete"
             self.meta.build.finished = utcnow()
         self._write_meta()
+        self.sync()
+        fault_point("after-commit", committed)
+
+    def sync(self) -> None:
+        """Local stores with `fsync`: flush what was written to the device (object stores are durable
+        once a put returns)."""
+        store = self.counter._store
+        if self.fsync and isinstance(store, DirectLocalStore):
+            store.sync()
 
     def _write_meta(self) -> None:
         self.group.attrs.update({META_KEY: self.meta.to_dict()})
+
+
+def _write_bytes(group: zarr.Group, arrays: dict[str, bytes]) -> None:
+    """Each value as a 1-D uint8 array, checksummed like every other array."""
+    for name, blob in arrays.items():
+        value = np.frombuffer(blob, dtype=np.uint8)
+        arr = group.create_array(
+            name,
+            shape=value.shape,
+            chunks=(max(1, min(value.size, CHUNK_TARGET_BYTES)),),
+            dtype="uint8",
+            serializer=SERIALIZER,
+            compressors=compressors(1),
+            dimension_names=TOKENIZER_DIMS,
+            overwrite=True,
+            config=WRITE_EVERY_CHUNK,
+        )
+        arr[...] = value
 
 
 def _head_chunks(value: np.ndarray) -> tuple[int, ...]:

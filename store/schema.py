@@ -16,6 +16,8 @@ topk_logprobs  (seq, pos, k)                     float32 log-probabilities of th
 logsumexp      (seq, pos)                        float32 log-sum-exp of the final logits
 logits         (seq, pos, vocab)                 optional full final logits (storage dtype)
 head/*         see `HEAD_ARRAYS`                 the output head: final norm, projection, unembedding
+tokenizer/*    (byte)                            uint8 UTF-8 text (`TOKENIZER_ARRAYS`): ``json``, the fast
+                                                 tokenizer's JSON; ``config``, its special tokens and flags
 ============== ================================ ========================================================
 
 Layer boundaries: boundary 0 is the input of block 0 (the embedding output, including any
@@ -36,6 +38,15 @@ low mantissa bits were rounded away. ``block``: ``resid`` is int8 (logical dtype
 ``storage.quant.block`` values along d_model; the value is ``resid * resid_scale``. Stores with a
 ``block`` preset are written with schema version 2 (older readers would misread the int8 values);
 all others with version 1.
+
+The tokenizer travels with the store (`lenscache.tokenizer`): the ``tokenizer`` group holds it
+as bytes in uint8 arrays, so it is chunked, crc32c-checked and read through the one reader over
+any fsspec store like every other array, and the metadata's ``tokenizer`` object records
+``{"format", "hash", "bytes"}``, ``hash`` being the sha256 of those bytes that a reader checks
+before use (the build's identity keeps `tokenizer_hash`, of the tokenizer's definition, in
+``model.tokenizer.hash``). Stores built before it have neither the group nor the key and still
+open: ``tokenizer`` is the one optional metadata key. Adding it kept the schema version, as older
+readers ignore unknown metadata keys and open the extra uint8 arrays as plain numbers.
 """
 
 from __future__ import annotations
@@ -60,6 +71,10 @@ TOPK_LOGPROBS = "topk_logprobs"
 LOGSUMEXP = "logsumexp"
 LOGITS = "logits"
 HEAD = "head"
+TOKENIZER = "tokenizer"
+TOKENIZER_ARRAYS = ("json", "config")  # each 1-D uint8 with dimensions TOKENIZER_DIMS
+TOKENIZER_DIMS = ("byte",)
+TOKENIZER_FORMAT = 1  # the layout of the tokenizer arrays and of the config JSON
 # name -> dimension names; every head array is float32
 HEAD_ARRAYS = {
     "norm_weight": ("d_model",),
@@ -137,6 +152,8 @@ class StoreMeta:
     final: dict[str, Any]  # {"encoding", "topk", "full_logits"}
     head: HeadSpec
     build: BuildState
+    # {"format", "hash", "bytes"} of the stored tokenizer; None in stores built before it was stored
+    tokenizer: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,12 +171,18 @@ class StoreMeta:
                 f"store has schema version {version}, newer than this lenscache understands "
                 f"({SCHEMA_VERSION}); upgrade lenscache to read it"
             )
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - raw.keys())
+        fields = dataclasses.fields(cls)
+        # keys added later have defaults, so that stores written before them still open
+        required = {
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        missing = sorted(required - raw.keys())
         if missing:
             raise StoreError(f"store metadata is missing keys: {', '.join(missing)}")
         try:
-            values = {k: raw[k] for k in names}
+            values = {f.name: raw[f.name] for f in fields if f.name in raw}
             values["head"] = HeadSpec(**raw["head"])
             values["build"] = BuildState(**raw["build"])
             meta = cls(**values)
@@ -193,6 +216,8 @@ class StoreMeta:
             "layer outside 0..n_layers",
         )
         need(self.head.norm in ("rms", "layer", "none"), f"unknown head norm {self.head.norm!r}")
+        tok = self.tokenizer
+        need(tok is None or (isinstance(tok, dict) and isinstance(tok.get("hash"), str)), "no tokenizer hash")
 
     @property
     def committed(self) -> int:
