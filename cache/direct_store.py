@@ -33,6 +33,8 @@ from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
+from .faults import fault_point
+
 ALIGN = 4096  # O_DIRECT's alignment of memory, offsets and lengths on common devices
 MIN_DIRECT_BYTES = 1 << 20  # below this the page cache costs little and O_DIRECT's round trip more
 PROBE_WRITES = 8
@@ -56,15 +58,34 @@ class DirectLocalStore(LocalStore):
         # cleared the first time the filesystem refuses O_DIRECT, or when the device is slow
         self.direct = bool(_O_DIRECT)
         self._probed_writes, self._probed_bytes, self._probed_seconds = 0, 0, 0.0
+        self._unsynced: set[Path] = set()  # files written since the last `sync`
+        self._unsynced_lock = threading.Lock()
 
     async def set(self, key: str, value: Buffer) -> None:
+        path = self.root / key
         if not self.direct or len(value) < MIN_DIRECT_BYTES:
-            return await super().set(key, value)
-        if not self._is_open:
-            await self._open()
-        self._check_writable()
-        if not await asyncio.to_thread(self._put_direct, self.root / key, value):
             await super().set(key, value)
+        else:
+            if not self._is_open:
+                await self._open()
+            self._check_writable()
+            if not await asyncio.to_thread(self._put_direct, path, value):
+                await super().set(key, value)
+        with self._unsynced_lock:
+            self._unsynced.add(path)
+
+    def sync(self) -> int:
+        """fsync every file written since the last call, then the directories that hold them (their
+        renames), so that what was written survives an OS crash or power loss. Returns the files synced."""
+        with self._unsynced_lock:
+            paths, self._unsynced = self._unsynced, set()
+        for path in sorted(paths):
+            _fsync(path, os.O_RDONLY)
+        # a chunk's directories may be new too: each one's entry lives in its parent, up to the root
+        folders = {folder for p in paths for folder in p.parents if folder == self.root or self.root in folder.parents}
+        for folder in sorted(folders, reverse=True):
+            _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        return len(paths)
 
     def _put_direct(self, path: Path, value: Buffer) -> bool:
         """Write `value` to `path` through a temporary file; False if the filesystem refuses O_DIRECT."""
@@ -88,6 +109,7 @@ class DirectLocalStore(LocalStore):
             finally:
                 os.close(fd)
             if written:
+                fault_point("mid-chunk")  # the chunk is whole in its temporary file, not renamed
                 os.replace(tmp, path)
             else:
                 self.direct = False
@@ -109,6 +131,14 @@ class DirectLocalStore(LocalStore):
             and self._probed_bytes < MIN_DIRECT_BYTES_PER_S * self._probed_seconds
         ):
             self.direct = False
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _BUFFERS = threading.local()
