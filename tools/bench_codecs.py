@@ -1,7 +1,7 @@
 """Codec presets on real activations: size, error, speed, and what they change downstream.
 
     python -m lenscache.tools.bench_codecs [--seqs 18] [--seq-len 512] [--eval-tokens 1024]
-                                           [--exact-store S] [--out bench-results/codecs.json]
+                                           [--exact-store S] [--out bench-results/codecs.json] [--smoke]
 
 One float32 store (fp32-zstd, exact) is built from SmolLM2-135M over WikiText; every preset's store
 is then written from that store's activations through the build's own encode step (`RowEncoder`)
@@ -17,13 +17,14 @@ and writer, so every store holds exactly the same activations. For each preset:
   lenses are fitted once on the exact store, then evaluated on each store; the tuned lens is the
   paper's KL recipe started from the affine lens, `--tuned-steps` steps), all on the held-out
   split, and their relative change versus the exact store.
+
+`--smoke`: the same steps on a tiny random model (or --model) over the built-in corpus, tiny sizes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -40,24 +41,36 @@ from lenscache.cache.model import ModelSpec, default_model_dir
 from lenscache.cache.staging import BatchOutput, RowEncoder
 from lenscache.cache.text import DataSpec
 from lenscache.cache.writer import StoreWriter
-from lenscache.encoding import BLOSC_BLOCKSIZE, PRESETS, CodecPreset, decode
+from lenscache.encoding import BLOSC_BLOCKSIZE, CARRIER, PRESETS, CodecPreset, decode
 from lenscache.fit.affine import fit_affine
 from lenscache.fit.stream import StreamSpec, split_sequences
 from lenscache.fit.tuned import TunedConfig, fit_tuned
 from lenscache.reader import Store, open_store
 from lenscache.schema import HEAD, QUANT_SCHEMA_VERSION, RESID, RESID_SCALE, StoreMeta
+from lenscache.tokenizer import read_arrays
+from lenscache.tools.machine import describe_machine
+from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, out_path, smoke_model
+
+# a checkpoint interval no fit here reaches: checkpoints would be timed with the fit
+NO_CHECKPOINTS = 2**31 - 1
 
 WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 KL_TARGET = 0.01  # relative change of every per-layer lens KL
 BITS_TARGET = 5.0
 
 
-def build_exact(out: str, seqs: int, seq_len: int) -> Store:
+# the real run's sizes, and the smoke run's (seconds on a tiny model)
+REAL = {"seqs": 18, "seq_len": 512, "eval_tokens": 1024, "tuned_steps": 8, "tuned_batch_tokens": 256}
+SMOKE = {"seqs": 10, "seq_len": 32, "eval_tokens": 32, "tuned_steps": 2, "tuned_batch_tokens": 32}
+REAL_DATA = "wikitext-2-raw wiki.test.raw, --doc-regex '^ = [^=]'"
+
+
+def build_exact(out: str, seqs: int, seq_len: int, model: str, data: DataSpec) -> Store:
     build_store(
         BuildConfig(
             out=out,
-            model=ModelSpec(str(default_model_dir())),
-            data=DataSpec(str(WIKITEXT), doc_regex=r"^ = [^=]"),
+            model=ModelSpec(model),
+            data=data,
             seq_len=seq_len,
             max_tokens=seqs * seq_len,
             codec="fp32-zstd",
@@ -76,7 +89,9 @@ def reencode(src: Store, url: str, preset: CodecPreset) -> Store:
     meta.schema_version = QUANT_SCHEMA_VERSION if preset.quant == "block" else 1
     meta.build.identity = {**meta.build.identity, "codec": preset.name}
     head = {p[len(HEAD) + 1 :]: src._read(p, (Ellipsis,)) for p in src.arrays if p.startswith(f"{HEAD}/")}
-    writer = StoreWriter.create(url, meta, preset, src.tokens(), head)
+    # the source's own tokenizer bytes, so the copy's metadata (which records their hash) holds
+    tokenizer = read_arrays(src) if src.meta.tokenizer is not None else None
+    writer = StoreWriter.create(url, meta, preset, src.tokens(), head, tokenizer=tokenizer)
     encoder = RowEncoder(writer.meta, preset)
     s, n = meta.build.seqs_per_chunk, src.n_sequences
     for start in range(0, n, s):
@@ -103,37 +118,40 @@ def _blosc(preset: CodecPreset, itemsize: int) -> Blosc:
     return Blosc(cname="zstd", clevel=preset.clevel, shuffle=shuffle, blocksize=BLOSC_BLOCKSIZE)
 
 
-def speed(preset: CodecPreset, x: torch.Tensor, meta: StoreMeta, repeats: int = 3) -> dict[str, float]:
-    """Encode and decode MB/s (of float32 input) on one core: the encode step plus compression."""
+def speed(
+    preset: CodecPreset, x: torch.Tensor, meta: StoreMeta, boundary: int, repeats: int = 3
+) -> dict[str, float]:
+    """Encode and decode MB/s (of float32 input) on one core.
+
+    Encode is the build's own step, `RowEncoder._encode_resid` (checks, rounding or quantizing,
+    into a resid carrier), then compression; decode is decompression, then the reader's decode.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     numcodecs.blosc.set_nthreads(1)
     try:
         mb = x.numel() * 4 / 1e6
+        encoder = RowEncoder(meta, preset)
+        carrier = np.empty(tuple(x.shape), dtype=CARRIER[preset.dtype])
         enc_t, dec_t = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            if preset.quant == "block":
-                q, sc = quant.block_quantize(x, preset.bits, preset.block, preset.rms_step)  # the common step
-                blobs = [_blosc(preset, 1).encode(q), _blosc(preset, 2).encode(sc)]
-            else:
-                if preset.quant == "bitround":
-                    carrier = quant.bitround(x, preset.keepbits)
-                else:
-                    enc = RowEncoder(meta, preset)
-                    carrier = enc._checked(x, 0, 0)
-                blobs = [_blosc(preset, carrier.itemsize).encode(carrier)]
+            scale = encoder._encode_resid(carrier, x, boundary, 0)
+            blobs = [_blosc(preset, carrier.itemsize).encode(carrier)]
+            if scale is not None:
+                blobs.append(_blosc(preset, scale.itemsize).encode(scale))
             enc_t.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            if preset.quant == "block":
-                qd = np.frombuffer(_blosc(preset, 1).decode(blobs[0]), dtype=np.int8).reshape(q.shape)
-                sd = np.frombuffer(_blosc(preset, 2).decode(blobs[1]), dtype=np.uint16).reshape(sc.shape)
-                y = quant.block_dequantize(qd, sd, preset.block)
+            raw = np.frombuffer(_blosc(preset, carrier.itemsize).decode(blobs[0]), dtype=carrier.dtype)
+            raw = raw.reshape(carrier.shape)
+            if scale is not None:
+                sd = np.frombuffer(_blosc(preset, scale.itemsize).decode(blobs[1]), dtype=scale.dtype)
+                y = quant.block_dequantize(raw, sd.reshape(scale.shape), preset.block)
             else:
-                raw = np.frombuffer(_blosc(preset, carrier.itemsize).decode(blobs[0]), dtype=carrier.dtype)
-                y = decode(raw.reshape(carrier.shape), preset.dtype)
+                y = decode(raw, preset.dtype)
             dec_t.append(time.perf_counter() - t0)
-            assert y.shape == tuple(x.shape)
+            if y.shape != tuple(x.shape):
+                raise AssertionError(f"{preset.name}: decoded shape {y.shape} != {tuple(x.shape)}")
         return {"encode_mb_s": round(mb / min(enc_t), 1), "decode_mb_s": round(mb / min(dec_t), 1)}
     finally:
         torch.set_num_threads(threads)
@@ -169,31 +187,48 @@ def errors(store: Store, exact: Store, preset: CodecPreset) -> tuple[dict[str, f
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqs", type=int, default=18, help="sequences (the last 10%% are held out)")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument(
-        "--tuned-steps", type=int, default=8, help="KL steps of the tuned lens, from the affine lens"
+        "--seqs", type=int, default=None, help=f"sequences (the last 10%% are held out; {REAL['seqs']})"
     )
-    ap.add_argument("--tuned-batch-tokens", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=None, help=f"default {REAL['seq_len']}")
+    ap.add_argument("--eval-tokens", type=int, default=None, help=f"default {REAL['eval_tokens']}")
+    ap.add_argument(
+        "--tuned-steps",
+        type=int,
+        default=None,
+        help=f"KL steps of the tuned lens, from the affine lens ({REAL['tuned_steps']})",
+    )
+    ap.add_argument("--tuned-batch-tokens", type=int, default=None, help=f"default {REAL['tuned_batch_tokens']}")
     ap.add_argument("--exact-store", default=None, help="reuse this fp32-zstd store instead of building one")
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--work", default=None, help="where the stores go (default: a temporary directory)")
-    ap.add_argument("--out", default="bench-results/codecs.json")
+    ap.add_argument("--out", default=None, help="JSON output (default bench-results/codecs.json)")
     ap.add_argument(
         "--merge",
         action="store_true",
         help="add these presets to an existing --out of the same exact store (its reference KLs must match)",
     )
+    add_smoke_args(ap)
     args = ap.parse_args(argv)
+    for key, value in (SMOKE if args.smoke else REAL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    out_file = out_path(args.out, "codecs", args.smoke)
     work = Path(args.work or tempfile.mkdtemp(prefix="lenscache-bench-codecs-"))
     work.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
+    if args.smoke:
+        model, data, data_text = smoke_model(args.model, work), DataSpec(SMOKE_DATA), SMOKE_DATA
+    else:
+        if not args.exact_store and not WIKITEXT.exists():
+            raise SystemExit(f"{WIKITEXT} is missing: pass --exact-store, or --smoke for a run without it")
+        model = args.model or str(default_model_dir())
+        data, data_text = DataSpec(str(WIKITEXT), doc_regex=r"^ = [^=]"), REAL_DATA
     if args.exact_store:
         exact = open_store(args.exact_store)
     else:
-        exact = build_exact(str(work / "exact.zarr"), args.seqs, args.seq_len)
+        exact = build_exact(str(work / "exact.zarr"), args.seqs, args.seq_len, model, data)
     print(
         f"exact store: {exact.n_sequences} x {exact.seq_len} tokens ({time.perf_counter() - t:.0f} s)",
         flush=True,
@@ -213,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=0,
     )
     tuned = fit_tuned(
-        exact, work / "tuned", spec, TunedConfig(checkpoint_every=0), init=affine, progress=False
+        exact, work / "tuned", spec, TunedConfig(checkpoint_every=NO_CHECKPOINTS), init=affine, progress=False
     )
     print(f"tuned lens fitted on the exact store ({time.perf_counter() - t:.0f} s)", flush=True)
     lenses = {"affine": affine, "tuned": tuned}
@@ -251,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
             "rel_l2_error_per_layer": {k: float(f"{v:.4g}") for k, v in rel_l2.items()},
             "rel_l2_error_max": float(f"{max(rel_l2.values()):.4g}"),
             "worst_error_over_bound": round(worst, 4),
-            **speed(preset, sample, exact.meta),
+            **speed(preset, sample, exact.meta, mid),
             "logit_kl_per_layer": dict(zip(map(str, layers), np.round(kl["logit"], 5).tolist(), strict=True)),
             **{
                 f"{lens}_kl_per_layer": dict(
@@ -283,10 +318,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     merged_from = None
-    if args.merge and Path(args.out).exists():
-        old = json.loads(Path(args.out).read_text())
+    if args.merge and out_file.exists():
+        old = json.loads(out_file.read_text())
         if old.get("reference") != reference or old.get("sequences") != exact.n_sequences:
-            raise SystemExit(f"--merge: {args.out} was measured on other data (reference KLs differ)")
+            raise SystemExit(f"--merge: {out_file} was measured on other data (reference KLs differ)")
         results = {**old["presets"], **results}
         merged_from = sorted(old["presets"].keys() - set(args.presets.split(",")))
     fp16_bits = results.get("fp16-zstd", {}).get("bits_per_value")
@@ -300,14 +335,15 @@ def main(argv: list[str] | None = None) -> dict:
     recommended = min(passing, key=lambda n: results[n]["bits_per_value"]) if passing else None
     out = {
         "benchmark": "codecs",
+        "smoke": args.smoke,
         "model": exact.meta.model.get("id"),
-        "data": "wikitext-2-raw wiki.test.raw, --doc-regex '^ = [^=]'",
+        "data": data_text,
         "sequences": exact.n_sequences,
         "seq_len": exact.seq_len,
         "train_sequences": train,
         "tuned_lens": {"init": "affine", "steps": args.tuned_steps, "batch_tokens": args.tuned_batch_tokens},
         "eval_tokens": ref.tokens,
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "machine": describe_machine(),
         "speed_sample": {"layer": mid, "values": int(sample.numel())},
         "reference": reference,
         # presets measured by earlier runs on the same exact store and reference (--merge)
@@ -317,12 +353,12 @@ def main(argv: list[str] | None = None) -> dict:
         "meets_target": passing,
         "recommended": recommended,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(out, indent=1) + "\n")
     print(
         f"recommended (<= {BITS_TARGET} bits/value, every per-layer KL within {KL_TARGET:.0%}): {recommended}"
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {out_file}")
     return out
 
 

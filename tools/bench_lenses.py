@@ -6,13 +6,15 @@ split); all are evaluated on the same held-out tokens. One run, JSON out:
 
     python -m lenscache.tools.bench_lenses --store STORE --out bench-results/lenses.json \
         --plot docs/lenses_kl.png
+
+`--smoke`: the same fits and evaluation on a tiny store built for the run (a tiny random model, or
+--model, over the built-in corpus), tiny sizes; seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -20,13 +22,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lenscache.analysis.evaluate import evaluate, per_layer, store_tokenizer
+from lenscache.analysis.evaluate import evaluate, per_layer
 from lenscache.analysis.report import plot
 from lenscache.fit.affine import fit_affine
 from lenscache.fit.losses import FinalDist, layer_groups, log_probs
 from lenscache.fit.stream import ResidualStream, StreamSpec
 from lenscache.fit.tuned import TunedConfig, fit_tuned
 from lenscache.reader import open_store
+from lenscache.tools.machine import describe_machine
+from lenscache.tools.smoke import add_smoke_args, out_path, smoke_model, smoke_store
+
+# a checkpoint interval no fit here reaches: checkpoints would be timed with the fit
+NO_CHECKPOINTS = 2**31 - 1
+
+
+# the real run's sizes, and the smoke run's (seconds on a tiny model)
+REAL = {"train_seqs": 32, "batch_tokens": 256, "refine_steps": 16, "eval_tokens": 4096, "probe_tokens": 512}
+SMOKE = {"train_seqs": 8, "batch_tokens": 32, "refine_steps": 2, "eval_tokens": 64, "probe_tokens": 32}
+SMOKE_SEQS = 24  # sequences of 32 tokens in the smoke store (the last 10% held out)
 
 
 class HeldOutProbe:
@@ -51,16 +64,31 @@ class HeldOutProbe:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--train-seqs", type=int, default=32, help="training sequences for every fitted lens")
-    ap.add_argument("--batch-tokens", type=int, default=256, help="tuned-lens SGD minibatch")
-    ap.add_argument("--refine-steps", type=int, default=16, help="K: KL steps after the affine fit")
-    ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--probe-tokens", type=int, default=512, help="held-out tokens tracked during refinement")
+    ap.add_argument("--store", default=None, help="the store (required unless --smoke)")
+    ap.add_argument("--train-seqs", type=int, default=None, help=f"training sequences for every fitted lens "
+                    f"({REAL['train_seqs']})")  # fmt: skip
+    ap.add_argument("--batch-tokens", type=int, default=None, help=f"tuned-lens SGD minibatch ({REAL['batch_tokens']})")
+    ap.add_argument(
+        "--refine-steps", type=int, default=None, help=f"K: KL steps after the affine fit ({REAL['refine_steps']})"
+    )
+    ap.add_argument("--eval-tokens", type=int, default=None, help=f"default {REAL['eval_tokens']}")
+    ap.add_argument(
+        "--probe-tokens", type=int, default=None,
+        help=f"held-out tokens tracked during refinement ({REAL['probe_tokens']})",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="bench-results/lenses.json")
+    ap.add_argument("--out", default=None, help="JSON output (default bench-results/lenses.json)")
     ap.add_argument("--plot", default=None, help="PNG of the evaluation (all four panels)")
+    add_smoke_args(ap)
     args = ap.parse_args(argv)
+    for key, value in (SMOKE if args.smoke else REAL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    work = Path(tempfile.mkdtemp(prefix="lenscache-bench-lenses-"))
+    if args.smoke and args.store is None:
+        args.store = smoke_store(work / "smoke.zarr", smoke_model(args.model, work), SMOKE_SEQS)
+    if args.store is None:
+        ap.error("--store is required (or --smoke)")
 
     store = open_store(args.store)
     # the first torch.optim optimiser imports torch._dynamo (~4 s): pay that before any timing
@@ -69,7 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
     seq_len = store.seq_len
     train_tokens = args.train_seqs * seq_len
     spec = StreamSpec(batch_tokens=args.batch_tokens, seed=args.seed, max_sequences=args.train_seqs)
-    work = Path(tempfile.mkdtemp(prefix="lenscache-bench-lenses-"))
     times: dict[str, float] = {"logit": 0.0}
 
     t = time.perf_counter()
@@ -91,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         store,
         work / "refined",
         StreamSpec(**{**spec.__dict__, "max_tokens": args.refine_steps * args.batch_tokens}),
-        TunedConfig(checkpoint_every=0),
+        TunedConfig(checkpoint_every=NO_CHECKPOINTS),
         init=affine,
         on_step=on_step,
     )
@@ -100,20 +127,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"affine + {args.refine_steps} KL steps: {times['affine+kl']:.1f} s", flush=True)
 
     t = time.perf_counter()
-    tuned = fit_tuned(store, work / "tuned", spec, TunedConfig(checkpoint_every=0))
+    tuned = fit_tuned(store, work / "tuned", spec, TunedConfig(checkpoint_every=NO_CHECKPOINTS))
     times["tuned"] = time.perf_counter() - t
     print(f"tuned from identity: {times['tuned']:.1f} s on {train_tokens:,} tokens", flush=True)
 
     lenses = {"affine": affine, "tuned": tuned, "affine+kl": refined}
-    report = evaluate(store, lenses, max_tokens=args.eval_tokens, tokenizer=store_tokenizer(store))
+    report = evaluate(store, lenses, max_tokens=args.eval_tokens)  # bits per byte: the store's tokenizer
     kl = {name: per_layer(report, name, "kl") for name in report.lenses}
     last = store.meta.n_layers - 1
     but_last = [i for i, layer in enumerate(report.layers) if layer != last]
     result = {
         "benchmark": "lenses",
+        "smoke": args.smoke,
         "store": str(args.store),
         "model": store.meta.model.get("id"),
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "machine": describe_machine(),
         "train_tokens": train_tokens,
         "tuned_steps": tuned.config.fit["steps"],
         "refine_steps": refined.config.fit["steps"],
@@ -141,8 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "report": report.to_dict(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out = out_path(args.out, "lenses", args.smoke)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     if args.plot:
         plot(report, args.plot)
     print("layer  " + "  ".join(f"{n:>10}" for n in kl))
@@ -150,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{layer:5d}  " + "  ".join(f"{kl[n][i]:10.4f}" for n in kl))
     summary = {k: result[k] for k in ("fit_seconds", "affine_over_tuned_time", "checks", "refine_held_out_probe")}
     print(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
     return result
 
 

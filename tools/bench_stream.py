@@ -2,6 +2,10 @@
 
 1. The same tuned-lens fit (same seed, same minibatches) fed from the Zarr store and fed from the
    same data preloaded in RAM, alternating over several rounds: throughput ratio (target >= 0.90).
+   By default each fit is one pass over the store's train split, so that the reader does all of
+   its work inside the fit (the first fill, then every later block read ahead while the lens
+   computes), with a one-block shuffle buffer; the seconds spent inside block reads are timed
+   and reported next to the fit's time.
 2. Read throughput of the stream alone, in MB/s of decompressed residuals.
 3. Peak RSS of a full pass over a store and over a store 4x larger (target: within 10%), each in
    a fresh process. The reader holds at most the shuffle buffer plus read-ahead + 1 blocks; the
@@ -11,13 +15,15 @@
    4 * d_model * vocab per token per layer (the translators' own d_model^2 terms are ignored).
 
     python -m lenscache.tools.bench_stream --store SMALL --big-store BIG --out bench-results/stream.json
+
+`--smoke`: the same steps on two tiny stores built for the run (a tiny random model, or --model,
+over the built-in corpus); seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -27,9 +33,37 @@ from pathlib import Path
 
 import torch
 
-from lenscache.fit.stream import MemorySource, ResidualStream, StreamSpec
+from lenscache.fit.stream import BlockSource, MemorySource, ResidualStream, StreamSpec, ZarrSource
 from lenscache.fit.tuned import TunedConfig, fit_tuned
 from lenscache.reader import open_store
+from lenscache.tools.machine import describe_machine
+from lenscache.tools.smoke import add_smoke_args, out_path, smoke_model, smoke_store
+
+# a checkpoint interval no fit here reaches: checkpoints would be timed with the fit
+NO_CHECKPOINTS = 2**31 - 1
+
+
+# the real run's sizes, and the smoke run's (seconds on two tiny stores of 4-sequence chunks)
+REAL = {"rss_buffer_tokens": 4096, "batch_tokens": 512, "buffer_tokens": 4096}
+SMOKE = {"rss_buffer_tokens": 128, "batch_tokens": 32, "buffer_tokens": 128}
+SMOKE_SEQS = 16  # sequences of 32 tokens in the small smoke store; the big one has 4x
+
+
+class TimedSource:
+    """A block source that times the reads of the one it wraps (the same reads, only counted)."""
+
+    def __init__(self, source: BlockSource):
+        self.source = source
+        self.storage_dtype = source.storage_dtype
+        self.seconds = 0.0
+        self.blocks = 0
+
+    def read(self, seqs: range, layers: list[int], with_final: bool) -> dict:
+        t0 = time.perf_counter()
+        block = self.source.read(seqs, layers, with_final)
+        self.seconds += time.perf_counter() - t0
+        self.blocks += 1
+        return block
 
 
 def _peak_rss_mib() -> float:
@@ -83,21 +117,37 @@ def matmul_flops(d: int, vocab: int, tokens: int, repeats: int = 5) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", required=True, help="store for the fit comparison and the small RSS pass")
+    ap.add_argument("--store", default=None, help="store for the fit comparison and the small RSS pass")
     ap.add_argument("--big-store", default=None, help="a store ~4x larger, for the RSS comparison")
-    ap.add_argument("--steps", type=int, default=2, help="tuned-lens steps per fit")
-    ap.add_argument("--rounds", type=int, default=3, help="fits per source, alternating zarr/memory")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="tuned-lens steps per fit (default: one pass over the train split)"
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="fits per source, alternating zarr/memory")
     ap.add_argument(
         "--rss-buffer-tokens",
         type=int,
-        default=4096,
-        help="shuffle buffer for the RSS passes: both stores must exceed buffer + (read-ahead + 1) blocks",
+        default=None,
+        help=f"shuffle buffer for the RSS passes: both stores must exceed buffer + (read-ahead + 1) blocks "
+        f"({REAL['rss_buffer_tokens']})",
     )
     ap.add_argument("--rss-read-ahead", type=int, default=1)
-    ap.add_argument("--batch-tokens", type=int, default=512)
-    ap.add_argument("--buffer-tokens", type=int, default=16384)
-    ap.add_argument("--out", default="bench-results/stream.json")
+    ap.add_argument("--batch-tokens", type=int, default=None, help=f"default {REAL['batch_tokens']}")
+    ap.add_argument(
+        "--buffer-tokens", type=int, default=None, help=f"shuffle buffer of the fits ({REAL['buffer_tokens']})"
+    )
+    ap.add_argument("--out", default=None, help="JSON output (default bench-results/stream.json)")
+    add_smoke_args(ap)
     args = ap.parse_args(argv)
+    for key, value in (SMOKE if args.smoke else REAL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    work = Path(tempfile.mkdtemp(prefix="lenscache-bench-stream-"))
+    if args.smoke and args.store is None:
+        model = smoke_model(args.model, work)
+        args.store = smoke_store(work / "small.zarr", model, SMOKE_SEQS)
+        args.big_store = args.big_store or smoke_store(work / "big.zarr", model, 4 * SMOKE_SEQS)
+    if args.store is None:
+        ap.error("--store is required (or --smoke)")
 
     store = open_store(args.store)
     # the first torch.optim optimiser imports torch._dynamo (~4 s): pay that before any timing
@@ -106,46 +156,59 @@ def main(argv: list[str] | None = None) -> dict:
     meta = store.meta
     result: dict = {
         "benchmark": "stream",
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "smoke": args.smoke,
+        "machine": describe_machine(),
         "store": args.store,
         "model": meta.model.get("id"),
     }
 
     # 1 + 4: the same fit from the store and from RAM, alternating so that drift hits both alike
+    if args.steps is None:  # one pass over the train split: every block is read inside the fit
+        train_tokens = ResidualStream(store, StreamSpec()).tokens_per_epoch()
+        args.steps = -(-train_tokens // args.batch_tokens)
     spec = StreamSpec(
         batch_tokens=args.batch_tokens, buffer_tokens=args.buffer_tokens, max_tokens=args.steps * args.batch_tokens
     )
     stream = ResidualStream(store, spec)
     t = time.perf_counter()
-    memory = MemorySource(store, stream.layers, stream.seqs)
+    memory = TimedSource(MemorySource(store, stream.layers, stream.seqs))
     preload_s = time.perf_counter() - t
+    # the store's reader, as `ResidualStream` makes it when given no source, with its reads timed
+    zarr = TimedSource(ZarrSource(store, spec.workers))
     timings = {"zarr": 0.0, "memory": 0.0}
     same = True
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            order = (("zarr", None), ("memory", memory))
+            order = (("zarr", zarr), ("memory", memory))
             weights = {}
             for name, source in order if r % 2 == 0 else order[::-1]:
                 t = time.perf_counter()
-                lens = fit_tuned(
-                    store, Path(tmp) / name, spec, TunedConfig(checkpoint_every=0), progress=False, source=source
-                )
+                config = TunedConfig(checkpoint_every=NO_CHECKPOINTS)
+                lens = fit_tuned(store, Path(tmp) / name, spec, config, progress=False, source=source)
                 timings[name] += time.perf_counter() - t
                 weights[name] = lens.weight.detach()
             same = same and bool(torch.equal(weights["zarr"], weights["memory"]))
             print(f"round {r}: zarr {timings['zarr']:.1f} s, memory {timings['memory']:.1f} s (cumulative)", flush=True)
-    tokens = args.rounds * args.steps * args.batch_tokens
+    tokens = args.rounds * stream.total_tokens()  # the last minibatch of a pass may be short
     n_layers = len(stream.layers)
     fit_flops = 4 * meta.d_model * meta.vocab_size * n_layers * tokens / timings["zarr"]
     mm = matmul_flops(meta.d_model, meta.vocab_size, args.batch_tokens)
     result["fit"] = {
         "rounds": args.rounds,
         "steps_per_fit": args.steps,
+        "tokens_per_fit": stream.total_tokens(),
         "batch_tokens": args.batch_tokens,
         "layers": n_layers,
         "seconds_zarr": round(timings["zarr"], 2),
         "seconds_memory": round(timings["memory"], 2),
         "preload_seconds": round(preload_s, 2),
+        "buffer_tokens": args.buffer_tokens,
+        "blocks_read_zarr": zarr.blocks,
+        # seconds inside block reads (decompression and decode; after the first block of each fit
+        # they run on the read-ahead thread while the lens computes)
+        "read_seconds_zarr": round(zarr.seconds, 3),
+        "read_seconds_memory": round(memory.seconds, 3),
+        "read_share_of_fit_zarr": round(zarr.seconds / timings["zarr"], 4),
         "throughput_ratio_zarr_over_memory": round(timings["memory"] / timings["zarr"], 4),
         "same_result": same,
         "fit_GFLOP_per_s": round(fit_flops / 1e9, 1),
@@ -169,9 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
         "streaming_ratio_at_least_0_90": result["fit"]["throughput_ratio_zarr_over_memory"] >= 0.90,
         "rss_growth_under_10_percent": (abs(result["rss"]["peak_rss_growth"]) < 0.10) if args.big_store else None,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out = out_path(args.out, "stream", args.smoke)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    print(f"wrote {out}")
     return result
 
 

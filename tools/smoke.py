@@ -1,0 +1,67 @@
+"""What every benchmark's ``--smoke`` mode shares: a tiny model, the built-in corpus, tiny stores.
+
+A smoke run takes seconds, needs no network and no ../shared data, and goes through the same code
+as the real run with tiny sizes, so a benchmark that no longer runs fails in the tests
+(tests/test_benchmarks.py) instead of when someone next reproduces its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from lenscache.cache.build import BuildConfig, build_store
+from lenscache.cache.model import ModelSpec
+from lenscache.cache.text import DataSpec
+
+SMOKE_DATA = "builtin:stdlib-docstrings"  # on every machine, no download
+
+
+def add_smoke_args(ap: argparse.ArgumentParser) -> None:
+    """`--smoke` and `--model`, the same on every benchmark."""
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, a tiny random model (or --model), the built-in corpus: seconds, offline; "
+        "writes --out (default: a temporary directory, never bench-results/)",
+    )
+    ap.add_argument("--model", default=None, help="model directory (smoke default: a tiny random Llama)")
+
+
+def out_path(out: str | None, name: str, smoke: bool) -> Path:
+    """Where the JSON goes: --out, else bench-results/NAME.json, else (smoke) a temporary file."""
+    if out is not None:
+        return Path(out)
+    if smoke:  # a smoke run must never replace the figures of a real one
+        return Path(tempfile.gettempdir()) / "lenscache-smoke" / f"{name}.json"
+    return Path("bench-results") / f"{name}.json"
+
+
+def tiny_model(work: Path) -> str:
+    """A tiny random Llama with its tokenizer, saved under `work` (the test suite's own maker)."""
+    from lenscache.tools.tiny_models import make_tiny_model  # transformers' model classes: only when needed
+
+    return str(make_tiny_model(work / "tiny-llama", "llama"))
+
+
+def smoke_model(model: str | None, work: Path) -> str:
+    """`model` if given, else a fresh tiny random model."""
+    return model if model is not None else tiny_model(work)
+
+
+def smoke_store(out: Path, model: str, seqs: int, seq_len: int = 32, seqs_per_chunk: int = 4) -> str:
+    """A store of `seqs` sequences of the built-in corpus, built by `build_store` as any store is."""
+    build_store(
+        BuildConfig(
+            out=str(out),
+            model=ModelSpec(model),
+            data=DataSpec(SMOKE_DATA),
+            seq_len=seq_len,
+            max_tokens=seqs * seq_len,
+            seqs_per_chunk=seqs_per_chunk,
+            progress=False,
+            overwrite=True,
+        )
+    )
+    return str(out)
