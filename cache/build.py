@@ -384,6 +384,74 @@ def writes_between_passes(device: torch.device) -> bool:
     return torch.get_num_threads() >= available_cores()
 
 
+class RowWriter:
+    """Writes encoded rows and commits them, between forward passes (`inline`) or from a writer
+    thread fed through a bounded queue; hands reused row buffers out and back.
+
+    A failure in the writer is kept and raised in the main thread by `raise_failure`; after one,
+    the thread keeps taking rows (giving their buffers back) so the producer never blocks.
+    """
+
+    def __init__(self, writer: StoreWriter, encoder: RowEncoder, *, staging: bool, inline: bool, rows: int):
+        self.writer, self.encoder, self.inline = writer, encoder, inline
+        self.failure: BaseException | None = None
+        self.raw_bytes = 0
+        self._work: queue.Queue = queue.Queue(maxsize=2)
+        # last in, first out: writing between passes, one buffer serves every row (the others are
+        # never touched, so they cost no memory)
+        self._free: queue.LifoQueue | None = queue.LifoQueue() if staging else None
+        meta = writer.meta
+        for _ in range(ROW_BUFFERS if staging else 0):
+            self._free.put(encoder.new_row(rows, (meta.seq_len, meta.d_model)))
+        self._thread = threading.Thread(target=self._loop, name="lenscache-writer", daemon=True)
+        if not inline:
+            self._thread.start()
+
+    def row_buffer(self) -> np.ndarray | None:
+        """A free row buffer for the hooks to encode into (None when rows are encoded afterwards)."""
+        return None if self._free is None else self._free.get()
+
+    def submit(self, row_start: int, batches: list[BatchOutput], row: np.ndarray | None) -> None:
+        if self.inline:
+            self._take((row_start, batches, row))
+        else:
+            self._work.put((row_start, batches, row))
+
+    def close(self) -> None:
+        if not self.inline:
+            self._work.put(None)
+            self._thread.join()
+
+    def raise_failure(self, out: str) -> None:
+        exc = self.failure
+        if exc is None:
+            return
+        if not isinstance(exc, Exception):  # Ctrl-C and the like, as they came
+            raise exc
+        raise (exc if isinstance(exc, LensCacheError) else StoreError(f"writing {out} failed: {exc!r}")) from exc
+
+    def _write(self, row_start: int, batches: list[BatchOutput], row: np.ndarray | None) -> None:
+        n = sum(b.n for b in batches)
+        arrays = self.encoder.encode_row(row_start, batches, None if row is None else row[:, :n])
+        self.raw_bytes += sum(a.nbytes for a in arrays.values())
+        self.writer.write_rows(row_start, arrays)
+        self.writer.commit(row_start + n)
+
+    def _take(self, item: tuple[int, list[BatchOutput], np.ndarray | None]) -> None:
+        row_start, batches, row = item
+        if self.failure is None:
+            try:
+                self._write(row_start, batches, row)
+            except BaseException as exc:  # surfaced in the main thread
+                self.failure = exc
+        if row is not None:
+            self._free.put(row)
+
+    def _loop(self) -> None:
+        while (item := self._work.get()) is not None:
+            self._take(item)
+
+
 def _run(
     cfg, loaded, taps, packed, writer: StoreWriter, encoder: RowEncoder, layers, start: int
 ) -> BuildSummary:
@@ -391,107 +459,44 @@ def _run(
     # only the rows count towards throughput and compression (not the head and tokens written up front)
     written_before = writer.counter.bytes_written
     n_seq, s, batch = meta.n_sequences, meta.build.seqs_per_chunk, meta.build.batch_size
-    work: queue.Queue = queue.Queue(maxsize=2)
     # On CPU with a lossless preset the forward pass encodes each boundary into a row buffer from
     # its hook (see ResidualRecorder's sink); the writer hands each buffer back when it is written.
-    staging = encoder.stages_in_hooks(loaded.device)
-    # last in, first out: writing between passes, one buffer serves every row (the others are never
-    # touched, so they cost no memory)
-    free_rows: queue.LifoQueue = queue.LifoQueue()
-    for _ in range(ROW_BUFFERS if staging else 0):
-        free_rows.put(encoder.new_row(min(s, n_seq), (meta.seq_len, meta.d_model)))
-    failure: list[BaseException] = []
-    raw_bytes = [0]
-
-    def write_row(row_start: int, batches: list[BatchOutput], row: np.ndarray | None) -> None:
-        n = sum(b.n for b in batches)
-        arrays = encoder.encode_row(row_start, batches, None if row is None else row[:, :n])
-        raw_bytes[0] += sum(a.nbytes for a in arrays.values())
-        writer.write_rows(row_start, arrays)
-        writer.commit(row_start + n)
-
-    def take(item: tuple[int, list[BatchOutput], np.ndarray | None]) -> None:
-        row_start, batches, row = item
-        if not failure:
-            try:
-                write_row(row_start, batches, row)
-            except BaseException as exc:  # surfaced in the main thread
-                failure.append(exc)
-        if row is not None:
-            free_rows.put(row)
-
-    def write_loop() -> None:
-        # After a failure keep taking rows (and giving their buffers back) so the producer never
-        # blocks; the main thread sees `failure` and stops.
-        while (item := work.get()) is not None:
-            take(item)
-
-    inline = writes_between_passes(loaded.device)
-    thread = threading.Thread(target=write_loop, name="lenscache-writer", daemon=True)
-    if not inline:
-        thread.start()
+    rows = RowWriter(
+        writer,
+        encoder,
+        staging=encoder.stages_in_hooks(loaded.device),
+        inline=writes_between_passes(loaded.device),
+        rows=min(s, n_seq),
+    )
     bar = _progress(cfg, n_seq, start, meta.seq_len)
     t0 = time.perf_counter()
     built = 0
     try:
         for row_start in range(start, n_seq, s):
             row_end = min(row_start + s, n_seq)
-            row = free_rows.get() if staging else None
-            if failure:
+            row = rows.row_buffer()
+            if rows.failure is not None:
                 break
             batches = []
             for b0 in range(row_start, row_end, batch):
                 b1 = min(b0 + batch, row_end)
-                batches.append(
-                    _forward(
-                        loaded,
-                        taps,
-                        packed.tokens[b0:b1],
-                        layers,
-                        meta.final["topk"],
-                        keep_logits=meta.final["full_logits"],
-                        sink=None if row is None else encoder.sink(row, b0 - row_start, row_start),
-                    )
-                )
+                sink = None if row is None else encoder.sink(row, b0 - row_start, row_start)
+                batches.append(_forward(loaded, taps, packed.tokens[b0:b1], layers, meta.final["topk"],
+                                        keep_logits=meta.final["full_logits"], sink=sink))  # fmt: skip
                 if bar is not None:
                     bar.update(b1 - b0)
-                    _postfix(
-                        bar,
-                        built + b1 - row_start,
-                        meta.seq_len,
-                        t0,
-                        writer.counter.bytes_written - written_before,
-                        raw_bytes[0],
-                    )
-            if inline:
-                take((row_start, batches, row))
-            else:
-                work.put((row_start, batches, row))
+                    written = writer.counter.bytes_written - written_before
+                    _postfix(bar, built + b1 - row_start, meta.seq_len, t0, written, rows.raw_bytes)
+            rows.submit(row_start, batches, row)
             built += row_end - row_start
     finally:
-        if not inline:
-            work.put(None)
-            thread.join()
+        rows.close()
         if bar is not None:
             bar.close()
-    if failure:
-        exc = failure[0]
-        if not isinstance(exc, Exception):  # Ctrl-C and the like, as they came
-            raise exc
-        raise (
-            exc if isinstance(exc, LensCacheError) else StoreError(f"writing {cfg.out} failed: {exc!r}")
-        ) from exc
+    rows.raise_failure(cfg.out)
     seconds = time.perf_counter() - t0
-    return _summary(
-        cfg,
-        writer,
-        n_seq,
-        built * meta.seq_len,
-        seconds,
-        writer.counter.bytes_written - written_before,
-        raw_bytes[0],
-        start,
-    )
+    written = writer.counter.bytes_written - written_before
+    return _summary(cfg, writer, n_seq, built * meta.seq_len, seconds, written, rows.raw_bytes, start)
 
 
 def _summary(

@@ -35,7 +35,7 @@ from lenscache.reader import Store
 
 from .lens import Lens
 from .losses import FinalDist, layer_groups, log_probs, next_token_ce
-from .stream import BlockSource, ResidualStream, StreamSpec
+from .stream import IGNORE_INDEX, BlockSource, ResidualStream, StreamSpec
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -131,12 +131,7 @@ def fit_tuned(
     settings = _settings(spec, cfg, layers, init.config.kind if init is not None else "identity")
 
     device = resolve_device(cfg.device)
-    lens = Lens.identity(store, layers, kind="tuned").to(device)
-    if init is not None:
-        with torch.no_grad():
-            idx = [init.index(layer) for layer in layers]
-            lens.weight.copy_(init.weight[idx])
-            lens.bias.copy_(init.bias[idx])
+    lens = _initial_lens(store, layers, init).to(device)
     unembed = store.unembed.to(device)
     step_size = cfg.lr * (1 - cfg.momentum)
     opt = torch.optim.SGD(
@@ -145,20 +140,7 @@ def fit_tuned(
 
     step, history = 0, []
     if resume:
-        found = _load_checkpoint(out)
-        if found is None:
-            raise LensCacheError(f"--resume: no checkpoint in {out}")
-        tensors, state = found
-        if state["settings"] != settings:
-            changed = sorted(k for k in settings if settings[k] != state["settings"].get(k))
-            raise LensCacheError(f"--resume: the checkpoint in {out} was made with other settings ({', '.join(changed)})")
-        with torch.no_grad():
-            lens.weight.copy_(tensors["weight"])
-            lens.bias.copy_(tensors["bias"])
-        for name, p in (("weight", lens.weight), ("bias", lens.bias)):
-            if f"momentum.{name}" in tensors:
-                opt.state[p]["momentum_buffer"] = tensors[f"momentum.{name}"].to(device)
-        step, history = state["step"], state["history"]
+        step, history = _restore(out, settings, lens, opt, device)
         stream = ResidualStream(store, dataclasses.replace(spec, skip_batches=step), source)
 
     groups = layer_groups(len(layers), spec.batch_tokens, store.meta.vocab_size)
@@ -171,22 +153,7 @@ def fit_tuned(
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        resid = batch.resid.to(device)
-        with torch.no_grad():
-            target = FinalDist.from_logp(unembed.log_probs(batch.final.to(device))) if cfg.loss == "kl" else None
-        nxt = batch.next_tokens.to(device)
-        for g in groups:
-            with autocast:
-                h = lens.translate_all(resid[g], layers[g])
-                logits = unembed(h)
-            logp = log_probs(logits)
-            per_token = target.kl(logp) if cfg.loss == "kl" else next_token_ce(logp, nxt)
-            if cfg.loss == "ce":
-                loss = per_token.sum(-1) / (nxt != -100).sum().clamp(min=1)
-            else:
-                loss = per_token.mean(-1)
-            loss.sum().backward()
-            per_layer[g] = loss.detach().cpu()
+        _backward(batch, lens, unembed, layers, groups, cfg.loss, autocast, per_layer, device)
         torch.nn.utils.clip_grad_norm_(lens.parameters(), cfg.clip)
         opt.step()
         step += 1
@@ -216,6 +183,55 @@ def fit_tuned(
     lens.save(out)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return lens
+
+
+def _initial_lens(store: Store, layers: list[int], init: Lens | None) -> Lens:
+    """The identity (the logit lens), or `init`'s translators for `layers`."""
+    lens = Lens.identity(store, layers, kind="tuned")
+    if init is not None:
+        with torch.no_grad():
+            idx = [init.index(layer) for layer in layers]
+            lens.weight.copy_(init.weight[idx])
+            lens.bias.copy_(init.bias[idx])
+    return lens
+
+
+def _restore(
+    out: Path, settings: dict[str, Any], lens: Lens, opt: torch.optim.Optimizer, device: torch.device
+) -> tuple[int, list[float]]:
+    """Load the checkpoint in `out` into `lens` and `opt`; (step, loss history) to continue from."""
+    found = _load_checkpoint(out)
+    if found is None:
+        raise LensCacheError(f"--resume: no checkpoint in {out}")
+    tensors, state = found
+    if state["settings"] != settings:
+        changed = sorted(k for k in settings if settings[k] != state["settings"].get(k))
+        raise LensCacheError(f"--resume: the checkpoint in {out} was made with other settings ({', '.join(changed)})")
+    with torch.no_grad():
+        lens.weight.copy_(tensors["weight"])
+        lens.bias.copy_(tensors["bias"])
+    for name, p in (("weight", lens.weight), ("bias", lens.bias)):
+        if f"momentum.{name}" in tensors:
+            opt.state[p]["momentum_buffer"] = tensors[f"momentum.{name}"].to(device)
+    return state["step"], state["history"]
+
+
+def _backward(batch, lens: Lens, unembed, layers, groups, loss_kind: str, autocast, per_layer, device) -> None:
+    """Accumulate one minibatch's gradients, layer group by layer group; record each layer's loss."""
+    resid = batch.resid.to(device)
+    with torch.no_grad():
+        target = FinalDist.from_logp(unembed.log_probs(batch.final.to(device))) if loss_kind == "kl" else None
+    nxt = batch.next_tokens.to(device)
+    for g in groups:
+        with autocast:
+            logits = unembed(lens.translate_all(resid[g], layers[g]))
+        logp = log_probs(logits)
+        if loss_kind == "ce":
+            loss = next_token_ce(logp, nxt).sum(-1) / (nxt != IGNORE_INDEX).sum().clamp(min=1)
+        else:
+            loss = target.kl(logp).mean(-1)
+        loss.sum().backward()
+        per_layer[g] = loss.detach().cpu()
 
 
 def _group_postfix(per_layer: torch.Tensor, layers: list[int], tok_s: float) -> dict[str, str]:
