@@ -114,7 +114,7 @@ def _resolve_layers(requested: list[int] | None, n_layers: int) -> list[int]:
         return list(range(n_layers + 1))
     bad = [i for i in requested if not 0 <= i <= n_layers]
     if bad:
-        raise DataError(f"--layers {bad} outside 0..{n_layers} (this model has {n_layers} blocks)")
+        raise DataError(f"layers (--layers) {bad} outside 0..{n_layers} (this model has {n_layers} blocks)")
     return sorted(set(requested))
 
 
@@ -216,7 +216,7 @@ def _build_locked(cfg: BuildConfig, state: str) -> BuildSummary:
     n_layers = taps.n_layers
     max_ctx = loaded.provenance.get("max_context")
     if max_ctx and cfg.seq_len > max_ctx:
-        raise DataError(f"--seq-len {cfg.seq_len} is larger than the model's context ({max_ctx} tokens)")
+        raise DataError(f"seq_len (--seq-len) {cfg.seq_len} is larger than the model's context ({max_ctx} tokens)")
     layers = _resolve_layers(cfg.layers, n_layers)
     preset = get_preset(cfg.codec)
     packed = pack_tokens(

@@ -202,11 +202,11 @@ def _restore(
     """Load the checkpoint in `out` into `lens` and `opt`; (step, loss history) to continue from."""
     found = _load_checkpoint(out)
     if found is None:
-        raise LensCacheError(f"--resume: no checkpoint in {out}")
+        raise LensCacheError(f"resume (--resume): no checkpoint in {out}")
     tensors, state = found
     if state["settings"] != settings:
         changed = sorted(k for k in settings if settings[k] != state["settings"].get(k))
-        raise LensCacheError(f"--resume: the checkpoint in {out} was made with other settings ({', '.join(changed)})")
+        raise LensCacheError(f"resume (--resume): the checkpoint in {out} was made with other settings ({', '.join(changed)})")
     with torch.no_grad():
         lens.weight.copy_(tensors["weight"])
         lens.bias.copy_(tensors["bias"])
