@@ -38,5 +38,9 @@ class LensError(LensCacheError):
     """A lens file is malformed, or does not belong to the store it is applied to."""
 
 
+class BasisError(LensError):
+    """A causal basis file is malformed, or does not belong to the store or lens it is used with."""
+
+
 class DeviceError(LensCacheError):
     """A device was asked for that this machine does not have."""

@@ -32,6 +32,7 @@ RATIOS: dict[str, list[str]] = {
         "user_wait.passes_share_of_wall",
         "fsync_throughput_ratio",
     ],
+    "bench_cbe": ["energy_ratio_streamed_over_full_batch.*", "min_energy_ratio", "rss.peak_rss_growth_4x_tokens"],
     "bench_codecs": [
         "presets.*.ratio_vs_fp16_raw",
         "presets.*.ratio_vs_fp16_zstd_store",

@@ -107,6 +107,12 @@ BAD = [
     ("eval {store} --out {new} --device cuda:7", "cuda"),
     ("eval {store} --out {text}", "not a directory"),
     ("eval {root}/nope.zarr --out {new}", "no store at"),
+    # cbe
+    ("cbe {store} --lens logit --out {new} --k 65", "k (--k) must be between 1 and d_model = 64"),
+    ("cbe {store} --lens {root}/lens_01 --out {new} --layers 2", "no translator for layer 2"),
+    ("cbe {store} --lens {root}/gpt2_lens --out {new}", "fitted on model"),
+    ("cbe {root}/nope.zarr --lens logit --out {new}", "no store at"),
+    ("cbe {store} --lens logit --out {new} --mode nope", "Invalid value for '--mode'"),
     # lens export / import
     ("lens export {root}/nope --to {new}", "not a lens directory"),
     ("lens export {root}/lens_01 --to {text}", "not a directory"),

@@ -10,6 +10,7 @@ import click
 from lenscache import __version__
 from lenscache.encoding import DEFAULT_PRESET, PRESETS
 from lenscache.errors import LensCacheError
+from lenscache.tools.cbe_cli import cbe
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -407,6 +408,8 @@ def lens_import(tuned_lens_dir: str, store: str, out: str) -> None:
 
     click.echo(f"wrote {import_tuned_lens(tuned_lens_dir, open_store(store)).save(out)}")
 
+
+cli.add_command(cbe)
 
 INTERRUPTED = "interrupted; an interrupted build continues with --resume"
 

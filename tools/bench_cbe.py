@@ -1,0 +1,156 @@
+"""Streamed CBE vs the reference's full-batch L-BFGS CBE, on the same tokens; memory as tokens grow.
+
+    python -m lenscache.tools.bench_cbe --store STORE --lens LENS_DIR   # SmolLM2 store + affine lens
+    python -m lenscache.tools.bench_cbe --smoke                          # tiny model, seconds
+
+Both fitters see the same train tokens (the first --tokens of the train split, whole sequences) and
+their bases are scored by the same held-out estimate (`estimate_energies`, --eval-tokens). Reported
+per layer: the energies of each, and the ratio of the streamed energies' sum to the full-batch sum
+(target >= 0.98); the wall time of each fit; the peak RSS of the streamed fit at --tokens and 4x as
+many (each in a fresh child process, ru_maxrss; target within +10%), with the same steps and
+minibatch, so only the number of tokens differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REAL = {"layers": "6,14,22", "k": 8, "tokens": 1024, "steps": 30, "batch_tokens": 256, "eval_tokens": 1024,
+        "max_iter": 10, "rss_steps": 2, "rss_k": 2}  # fmt: skip
+SMOKE = {"layers": "1,2", "k": 2, "tokens": 256, "steps": 20, "batch_tokens": 64, "eval_tokens": 128,
+         "max_iter": 5, "rss_steps": 2, "rss_k": 2}  # fmt: skip
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _load_lens(lens: str):
+    from lenscache.fit.lens import Lens
+
+    return None if lens == "logit" else Lens.load(lens)
+
+
+def rss_run(store: str, lens: str, layers: list[int], k: int, tokens: int, steps: int, batch_tokens: int,
+            eval_tokens: int) -> dict:  # fmt: skip
+    """One streamed CBE fit in this process; its peak RSS (run in a child, see `_in_child`)."""
+    from lenscache.fit.cbe import fit_cbe
+    from lenscache.fit.stream import StreamSpec
+    from lenscache.reader import open_store
+
+    st = open_store(store)
+    spec = StreamSpec(batch_tokens=batch_tokens, buffer_tokens=4 * batch_tokens, max_tokens=tokens)
+    started = time.perf_counter()
+    basis = fit_cbe(st, _load_lens(lens), layers, k=k, spec=spec, steps=steps, progress=False, eval_tokens=eval_tokens)
+    return {
+        "tokens": basis.config.tokens["train_tokens"],
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_MiB": round(_peak_rss_mib(), 1),
+    }
+
+
+def _in_child(*args) -> dict:
+    code = (
+        "import json; from lenscache.tools.bench_cbe import rss_run; "
+        f"print('RESULT ' + json.dumps(rss_run(*{list(args)!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from lenscache.tools.smoke import add_smoke_args, out_path, smoke_model, smoke_store
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", help="a store of the model (real run)")
+    ap.add_argument("--lens", default="logit", help="lens directory, or 'logit'")
+    for name, value in REAL.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None, help=f"(real: {value})")
+    ap.add_argument("--out", default=None, help="JSON (default bench-results/cbe.json)")
+    add_smoke_args(ap)
+    args = ap.parse_args(argv)
+    sizes = {**(SMOKE if args.smoke else REAL)}
+    sizes.update({k: getattr(args, k) for k in REAL if getattr(args, k) is not None})
+
+    from lenscache.fit.cbe import fit_cbe, fit_cbe_full_batch
+    from lenscache.fit.stream import StreamSpec
+    from lenscache.reader import open_store
+    from lenscache.tools.cli import parse_layers
+    from lenscache.tools.machine import describe_machine
+
+    work = Path(tempfile.mkdtemp(prefix="bench-cbe-"))
+    if args.smoke:
+        model = smoke_model(args.model, work)
+        store_url = smoke_store(work / "smoke.zarr", model, seqs=48, seq_len=32)
+        lens = "logit"
+    else:
+        if not args.store:
+            ap.error("--store is needed (or --smoke)")
+        store_url, lens = args.store, args.lens
+    st = open_store(store_url)
+    layers = parse_layers(sizes["layers"])
+    tokens, k = sizes["tokens"], sizes["k"]
+
+    started = time.perf_counter()
+    full = fit_cbe_full_batch(st, _load_lens(lens), layers, k=k, max_tokens=tokens, max_iter=sizes["max_iter"],
+                              eval_tokens=sizes["eval_tokens"], chunk_tokens=sizes["batch_tokens"])  # fmt: skip
+    full_s = time.perf_counter() - started
+    started = time.perf_counter()
+    spec = StreamSpec(batch_tokens=sizes["batch_tokens"], max_tokens=tokens)
+    streamed = fit_cbe(st, _load_lens(lens), layers, k=k, spec=spec, steps=sizes["steps"], progress=False,
+                       eval_tokens=sizes["eval_tokens"])  # fmt: skip
+    streamed_s = time.perf_counter() - started
+    assert full.config.tokens["train_tokens"] == streamed.config.tokens["train_tokens"]
+
+    per_layer = {}
+    for i, layer in enumerate(layers):
+        f_sum, s_sum = float(full.energies[i].sum()), float(streamed.energies[i].sum())
+        per_layer[str(layer)] = {
+            "full_batch_energies": [round(x, 6) for x in full.energies[i].tolist()],
+            "streamed_energies": [round(x, 6) for x in streamed.energies[i].tolist()],
+            "streamed_stderr": [round(x, 6) for x in streamed.stderr[i].tolist()],
+            "full_batch_sum": round(f_sum, 6),
+            "streamed_sum": round(s_sum, 6),
+        }
+    ratios = {layer: round(v["streamed_sum"] / v["full_batch_sum"], 4) for layer, v in per_layer.items()}
+
+    rss_args = (store_url, lens, layers, sizes["rss_k"])
+    small = _in_child(*rss_args, tokens, sizes["rss_steps"], sizes["batch_tokens"], sizes["eval_tokens"])
+    big = _in_child(*rss_args, 4 * tokens, sizes["rss_steps"], sizes["batch_tokens"], sizes["eval_tokens"])
+    result = {
+        "smoke": bool(args.smoke),
+        "machine": describe_machine(),
+        "store": store_url if not args.smoke else "smoke",
+        "lens": lens if not args.smoke else "logit",
+        "settings": sizes,
+        "train_tokens": streamed.config.tokens["train_tokens"],
+        "held_out_tokens": streamed.config.tokens["held_out_tokens"],
+        "layers": per_layer,
+        "energy_ratio_streamed_over_full_batch": ratios,
+        "min_energy_ratio": min(ratios.values()),
+        "energy_ratio_at_least_0.98": min(ratios.values()) >= 0.98,
+        "wall_seconds": {"full_batch": round(full_s, 2), "streamed": round(streamed_s, 2)},
+        "rss": {
+            "small": small,
+            "big": big,
+            "peak_rss_growth_4x_tokens": round(big["peak_rss_MiB"] / small["peak_rss_MiB"] - 1, 4),
+        },
+    }
+    out = out_path(args.out, "cbe", args.smoke)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("energy_ratio_streamed_over_full_batch", "wall_seconds", "rss")}, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
