@@ -33,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from lenscache.device import resolve_device
@@ -50,10 +48,10 @@ from lenscache.head import Unembed
 from lenscache.reader import Store
 
 from .basis import MODES, Basis, BasisConfig, BasisError, lens_identity, store_identity
+from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from .lens import Lens, model_identity
 from .stream import BlockSource, ResidualStream, StreamSpec, _to_torch, split_sequences
 
-CHECKPOINT_DIR = "checkpoint"
 INITS = ("unembed", "random")
 BETAS = (0.9, 0.99)
 
@@ -302,31 +300,6 @@ def _settings(spec: StreamSpec, layers, k, mode, steps, lr, init, seed, eval_tok
     }  # fmt: skip
 
 
-def _save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    ckpt, tmp, old = out / CHECKPOINT_DIR, out / (CHECKPOINT_DIR + ".tmp"), out / (CHECKPOINT_DIR + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    # the new checkpoint replaces the old only when complete: a kill leaves one or the other
-    shutil.rmtree(old, ignore_errors=True)
-    if ckpt.exists():
-        os.replace(ckpt, old)
-    os.replace(tmp, ckpt)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):  # .old: killed between the two renames
-        ckpt = out / name
-        if (ckpt / "state.json").is_file() and (ckpt / "state.safetensors").is_file():
-            try:
-                return load_file(str(ckpt / "state.safetensors")), json.loads((ckpt / "state.json").read_text())
-            except Exception as exc:
-                raise BasisError(f"--resume: the checkpoint in {ckpt} cannot be read ({exc})") from exc
-    return None
-
-
 def fit_cbe(
     store: Store,
     lens: Lens | None,
@@ -379,14 +352,14 @@ def fit_cbe(
     ema = torch.zeros(n_l, dtype=torch.float64)  # running σ estimate of the current direction
     step, mu = 0, None
     if resume:
-        loaded = _load_checkpoint(out_dir)
+        loaded = load_checkpoint(out_dir)
         if loaded is None:
-            raise BasisError(f"--resume: no checkpoint in {out_dir}")
+            raise BasisError(f"resume (--resume): no checkpoint in {out_dir}")
         tensors, state = loaded
         if state.get("settings") != json.loads(json.dumps(settings)):
             theirs = state.get("settings") or {}
             changed = sorted(key for key in settings if json.loads(json.dumps(settings[key])) != theirs.get(key))
-            raise BasisError(f"--resume: the checkpoint in {out_dir} was made with other settings ({', '.join(changed)})")
+            raise BasisError(f"resume (--resume): the checkpoint in {out_dir} was made with other settings ({', '.join(changed)})")
         step = int(state["step"])
         found, train_energy, v, m, s, ema, mu = (
             tensors[name] for name in ("found", "train_energy", "v", "m", "s", "ema", "mu")
@@ -452,7 +425,7 @@ def fit_cbe(
             on_step(step)
         if out_dir is not None and checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
             tensors = {"found": found, "train_energy": train_energy, "v": v, "m": m, "s": s, "ema": ema, "mu": mu}
-            _save_checkpoint(out_dir, tensors, {"step": step, "settings": settings})
+            save_checkpoint(out_dir, tensors, {"step": step, "settings": settings})
     bar.close()
     if step < total_steps:
         raise LensCacheError(f"the stream ended after {step} of {total_steps} steps")
@@ -465,7 +438,7 @@ def fit_cbe(
                         {**settings, "fit_seconds_this_run": round(seconds, 2)}, seed, device, progress, source)  # fmt: skip
     if out_dir is not None:
         basis.save(out_dir)
-        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+        remove_checkpoint(out_dir)
     return basis
 
 

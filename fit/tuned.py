@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,18 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from lenscache.device import resolve_device
 from lenscache.errors import LensCacheError
 from lenscache.reader import Store
 
+from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from .lens import Lens
 from .losses import FinalDist, layer_groups, log_probs, next_token_ce
 from .stream import IGNORE_INDEX, BlockSource, ResidualStream, StreamSpec
-
-CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
@@ -72,33 +68,14 @@ def _settings(spec: StreamSpec, cfg: TunedConfig, layers: list[int], init: str) 
     return {"stream": stream, "tuned": tuned, "layers": layers, "init": init}
 
 
-def _save_checkpoint(out: Path, lens: Lens, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    ckpt = out / CHECKPOINT_DIR
-    tmp = out / (CHECKPOINT_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {"weight": lens.weight.detach().cpu(), "bias": lens.bias.detach().cpu()}
+def _checkpoint_tensors(lens: Lens, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The lens and SGD's momentum buffers, as a checkpoint keeps them."""
+    tensors = {"weight": lens.weight, "bias": lens.bias}
     for name, p in (("weight", lens.weight), ("bias", lens.bias)):
         buf = opt.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
-            tensors[f"momentum.{name}"] = buf.detach().cpu()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    # swap in the new checkpoint only when it is complete: a kill leaves the old one or the new one
-    old = out / (CHECKPOINT_DIR + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if ckpt.exists():
-        os.replace(ckpt, old)
-    os.replace(tmp, ckpt)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):  # .old: killed between the two renames
-        ckpt = out / name
-        if (ckpt / "state.json").is_file() and (ckpt / "state.safetensors").is_file():
-            return load_file(str(ckpt / "state.safetensors")), json.loads((ckpt / "state.json").read_text())
-    return None
+            tensors[f"momentum.{name}"] = buf
+    return tensors
 
 
 def fit_tuned(
@@ -164,7 +141,7 @@ def fit_tuned(
         if on_step is not None:
             on_step(step, lens)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-            _save_checkpoint(out, lens, opt, {"step": step, "settings": settings, "history": history})
+            save_checkpoint(out, _checkpoint_tensors(lens, opt), {"step": step, "settings": settings, "history": history})
     bar.close()
     if step < total_steps:
         raise LensCacheError(f"the stream ended after {step} of {total_steps} steps")
@@ -181,7 +158,7 @@ def fit_tuned(
         **settings,
     }
     lens.save(out)
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    remove_checkpoint(out)
     return lens
 
 
@@ -200,7 +177,7 @@ def _restore(
     out: Path, settings: dict[str, Any], lens: Lens, opt: torch.optim.Optimizer, device: torch.device
 ) -> tuple[int, list[float]]:
     """Load the checkpoint in `out` into `lens` and `opt`; (step, loss history) to continue from."""
-    found = _load_checkpoint(out)
+    found = load_checkpoint(out)
     if found is None:
         raise LensCacheError(f"resume (--resume): no checkpoint in {out}")
     tensors, state = found

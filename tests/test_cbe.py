@@ -329,7 +329,7 @@ def test_the_full_batch_reference_matches_the_streamed_fit(store):
 
 # ---- the command line ---------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lenscache.tools.cbe_cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "lenscache.tools.cli", "cbe", *args], capture_output=True, text=True)
 
 
 def test_cli_writes_a_basis_and_refuses_bad_input_leaving_nothing(store, store_path, tmp_path):

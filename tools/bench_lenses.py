@@ -33,7 +33,6 @@ from lenscache.tools.machine import describe_machine
 from lenscache.tools.smoke import add_smoke_args, out_path, smoke_model, smoke_store
 
 # a checkpoint interval no fit here reaches: checkpoints would be timed with the fit
-NO_CHECKPOINTS = 2**31 - 1
 
 
 # the real run's sizes, and the smoke run's (seconds on a tiny model)
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         store,
         work / "refined",
         StreamSpec(**{**spec.__dict__, "max_tokens": args.refine_steps * args.batch_tokens}),
-        TunedConfig(checkpoint_every=NO_CHECKPOINTS),
+        TunedConfig(checkpoint_every=0),
         init=affine,
         on_step=on_step,
     )
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"affine + {args.refine_steps} KL steps: {times['affine+kl']:.1f} s", flush=True)
 
     t = time.perf_counter()
-    tuned = fit_tuned(store, work / "tuned", spec, TunedConfig(checkpoint_every=NO_CHECKPOINTS))
+    tuned = fit_tuned(store, work / "tuned", spec, TunedConfig(checkpoint_every=0))
     times["tuned"] = time.perf_counter() - t
     print(f"tuned from identity: {times['tuned']:.1f} s on {train_tokens:,} tokens", flush=True)
 

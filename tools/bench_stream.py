@@ -40,7 +40,6 @@ from lenscache.tools.machine import describe_machine
 from lenscache.tools.smoke import add_smoke_args, out_path, smoke_model, smoke_store
 
 # a checkpoint interval no fit here reaches: checkpoints would be timed with the fit
-NO_CHECKPOINTS = 2**31 - 1
 
 
 # the real run's sizes, and the smoke run's (seconds on two tiny stores of 4-sequence chunks)
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             weights = {}
             for name, source in order if r % 2 == 0 else order[::-1]:
                 t = time.perf_counter()
-                config = TunedConfig(checkpoint_every=NO_CHECKPOINTS)
+                config = TunedConfig(checkpoint_every=0)
                 lens = fit_tuned(store, Path(tmp) / name, spec, config, progress=False, source=source)
                 timings[name] += time.perf_counter() - t
                 weights[name] = lens.weight.detach()

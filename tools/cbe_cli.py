@@ -2,20 +2,16 @@
 
 The fit works in ``OUT.partial`` (its checkpoints live there, so `--resume` continues from it) and
 the finished basis is renamed to OUT: OUT is only ever absent, the old basis, or the new one.
-Registered in the main CLI with ``cli.add_command(cbe)``; ``python -m lenscache.tools.cbe_cli`` runs
-it alone.
+Registered in the main CLI (``lenscache cbe``), whose `main` turns errors into one line.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import click
-
-from lenscache.errors import LensCacheError
 
 MODES = ("mean", "zero", "resample")
 
@@ -106,28 +102,3 @@ def cbe(store: str, lens_dir: str, out: str, **kw) -> None:
         top = ", ".join(f"{e:.4f}±{s:.4f}" for e, s in zip(basis.energies[i, :4].tolist(), basis.stderr[i, :4].tolist(),
                                                            strict=True))  # fmt: skip
         click.echo(f"  layer {layer}: top energies (nats, held out) {top}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run `cbe` alone, with the main CLI's error handling (one line, exit 2, no traceback)."""
-    try:
-        cbe.main(args=argv, prog_name="lenscache cbe", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted; an interrupted fit continues with --resume", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except LensCacheError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except OSError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted; an interrupted fit continues with --resume", err=True)
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
