@@ -4,6 +4,9 @@ Crash safety rests on one ordering: a row's chunks are all written before the ro
 ``committed`` count moves past it, and each chunk and metadata write is atomic (zarr's LocalStore
 writes a temporary file and renames it). A killed build therefore leaves whole chunks and a
 committed count that only names complete rows; resuming rewrites everything after that count.
+On local disks the same ordering holds on the device (`StoreWriter.sync`, on unless `fsync` is off):
+the row's files and their directories are fsync'ed before the commit is written, and the commit
+after, so an OS crash or power loss leaves no commit naming a row that did not reach the disk.
 """
 
 from __future__ import annotations
