@@ -61,9 +61,8 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def direct_calls(monkeypatch) -> list[int]:
-    """Sizes of the values written through O_DIRECT."""
+def spy_direct_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every value written through O_DIRECT (for any monkeypatch scope)."""
     calls: list[int] = []
     real = direct_store._write_direct
 
@@ -73,3 +72,9 @@ def direct_calls(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(direct_store, "_write_direct", spy)
     return calls
+
+
+@pytest.fixture
+def direct_calls(monkeypatch) -> list[int]:
+    """Sizes of the values written through O_DIRECT."""
+    return spy_direct_writes(monkeypatch)

@@ -19,10 +19,10 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+from conftest import spy_direct_writes
 from fsspec.implementations.memory import MemoryFileSystem
 
 import lenscache.cache.build as build_module
-import lenscache.cache.direct_store as direct_store
 from lenscache.cache import faults
 from lenscache.cache.build import BuildConfig, build_store
 from lenscache.cache.chunk_writer import available_cores
@@ -116,14 +116,7 @@ def direct(llama_dir, o_direct_dir) -> Build:
     text = work / "corpus.txt"
     text.write_text(corpus_text(3000))
     with pytest.MonkeyPatch.context() as mp:  # conftest's direct_calls spy, for a module-wide clean build
-        calls: list[int] = []
-        real = direct_store._write_direct
-
-        def spy(fd, data, whole, buf):
-            calls.append(len(data))
-            return real(fd, data, whole, buf)
-
-        mp.setattr(direct_store, "_write_direct", spy)
+        calls = spy_direct_writes(mp)
         built = _build(llama_dir, text, work, **DIRECT)
     if not calls:  # the build checks O_DIRECT itself: a platform without it (not Linux, say)
         pytest.skip(f"the filesystem of {work} refuses O_DIRECT")
