@@ -33,10 +33,11 @@ from .arch import ResidualRecorder, extract_head, find_taps
 from .chunk_writer import available_cores
 from .model import LoadedModel, ModelSpec, check_model_spec, load_model
 from .staging import BatchOutput, RowEncoder, to_host
-from .text import DataSpec, PackedTokens, check_packing, check_source, pack_tokens
+from .text import DataSpec, PackedTokens, check_packing, check_source, pack_tokens, pad_documents
 from .writer import StoreWriter, utcnow
 
 DEFAULT_TOKENS_PER_BATCH = 4096
+PACKINGS = ("packed", "padded")
 ROW_BUFFERS = 3  # resid rows in flight with a writer thread: one filling, one queued, one writing
 LOGIT_ROWS = 64  # rows of logits per block when reducing them
 TOPK_WIDTH = 128  # entries per piece in topk_rows
@@ -59,6 +60,7 @@ class BuildConfig:
     seqs_per_chunk: int | None = None
     prepend_bos: bool | None = None
     separator: str | None = None
+    packing: str = "packed"  # "packed": documents cut into a token stream; "padded": one per sequence
     resume: bool = False
     overwrite: bool = False
     break_lock: bool = False  # take over a writer lock whose holder cannot be checked (--break-lock)
@@ -179,6 +181,10 @@ def check_config(cfg: BuildConfig) -> None:
             raise DataError(f"layers (--layers) must be boundaries >= 0, got {sorted(set(cfg.layers))}")
     if cfg.resume and cfg.overwrite:
         raise DataError("resume and overwrite (--resume, --overwrite) exclude each other")
+    if cfg.packing not in PACKINGS:
+        raise DataError(f"packing (--packing) must be one of {', '.join(PACKINGS)}, got {cfg.packing!r}")
+    if cfg.packing == "padded" and cfg.separator is not None:
+        raise DataError("--separator has no use with --packing padded (one document per sequence)")
     get_preset(cfg.codec)
     check_model_spec(cfg.model)
     check_packing(cfg.seq_len, cfg.max_tokens)
@@ -197,6 +203,14 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
         cfg.out, command="build", clear_stale=cfg.resume or cfg.overwrite, break_lock=cfg.break_lock
     ):
         return _build_locked(cfg, _out_state(cfg))
+
+
+def _pack(cfg: BuildConfig, tokenizer) -> PackedTokens:
+    if cfg.packing == "padded":
+        return pad_documents(cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, prepend_bos=cfg.prepend_bos)
+    return pack_tokens(
+        cfg.data, tokenizer, cfg.seq_len, cfg.max_tokens, prepend_bos=cfg.prepend_bos, separator=cfg.separator
+    )
 
 
 def _out_state(cfg: BuildConfig) -> str:
@@ -219,14 +233,7 @@ def _build_locked(cfg: BuildConfig, state: str) -> BuildSummary:
         raise DataError(f"seq_len (--seq-len) {cfg.seq_len} is larger than the model's context ({max_ctx} tokens)")
     layers = _resolve_layers(cfg.layers, n_layers)
     preset = get_preset(cfg.codec)
-    packed = pack_tokens(
-        cfg.data,
-        loaded.tokenizer,
-        cfg.seq_len,
-        cfg.max_tokens,
-        prepend_bos=cfg.prepend_bos,
-        separator=cfg.separator,
-    )
+    packed = _pack(cfg, loaded.tokenizer)
     n_seq = packed.tokens.shape[0]
     vocab = taps.lm_head.weight.shape[0]
     if packed.tokens.max() >= vocab:

@@ -3,6 +3,8 @@
 Documents are streamed one at a time from any source, tokenized in batches without special tokens,
 joined into one token stream with a separator token between documents, and cut into consecutive
 fixed-length sequences (each optionally led by BOS). Reading stops as soon as enough tokens exist.
+`pad_documents` is the other packing: one document per sequence, right-padded, for prompt sets
+whose last token is the position under study.
 """
 
 from __future__ import annotations
@@ -293,11 +295,15 @@ class PackedTokens:
     bos_token_id: int | None  # prepended to every sequence, or None
     separator_token_id: int | None  # placed between consecutive documents
     fingerprint: str  # "sha256:<hex>" over the spec, seq_len, bos/separator ids and the token bytes
+    # padded packing only: each sequence's real length (its document, plus BOS) and the padding id
+    lengths: np.ndarray | None = None
+    pad_token_id: int | None = None
 
     def describe(self) -> dict:
         """JSON-able summary for the store's metadata."""
         n_sequences, seq_len = self.tokens.shape
-        return {
+        out = {
+            "packing": "packed" if self.lengths is None else "padded",
             "n_sequences": int(n_sequences),
             "seq_len": int(seq_len),
             "n_tokens": int(self.tokens.size),
@@ -306,6 +312,10 @@ class PackedTokens:
             "separator_token_id": self.separator_token_id,
             "fingerprint": self.fingerprint,
         }
+        if self.lengths is not None:
+            out["pad_token_id"] = self.pad_token_id
+            out["lengths"] = [int(n) for n in self.lengths]
+        return out
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:
@@ -381,6 +391,63 @@ def pack_tokens(
         bos_token_id=bos,
         separator_token_id=sep,
         fingerprint=_fingerprint(spec, seq_len, bos, sep, tokens),
+    )
+
+
+def pad_documents(
+    spec: DataSpec,
+    tokenizer: Any,
+    seq_len: int,
+    max_tokens: int | None = None,
+    *,
+    prepend_bos: bool | None = None,
+) -> PackedTokens:
+    """One sequence per document, right-padded to `seq_len`: prompt sets, where position
+    ``lengths[i] - 1`` is the one under study.
+
+    Padding goes after the document, so in a causal model it cannot change any of the document's
+    positions: their residuals are those of the document run alone. The padding id is the
+    tokenizer's PAD, else EOS, else 0. A document longer than `seq_len` is refused (a prompt cut
+    short would silently move the position under study); empty documents are skipped.
+    max_tokens: at most max_tokens // seq_len documents.
+    """
+    check_packing(seq_len, max_tokens)
+    bos = _bos_id(tokenizer, prepend_bos)
+    pad = next((int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    wanted = None if max_tokens is None else max_tokens // seq_len
+    rows: list[list[int]] = []
+    with closing(iter_documents(spec)) as docs:
+        for batch in _batches(docs):
+            for ids in tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]:
+                if not ids:
+                    continue
+                row = ([bos] if bos is not None else []) + list(ids)
+                if len(row) > seq_len:
+                    raise DataError(
+                        f"document {len(rows)} of {spec.source} has {len(row)} tokens, more than seq_len "
+                        f"{seq_len}; padded packing keeps whole documents: raise --seq-len"
+                    )
+                rows.append(row)
+                if wanted is not None and len(rows) >= wanted:
+                    break
+            if wanted is not None and len(rows) >= wanted:
+                break
+    if not rows:
+        raise DataError(f"{spec.source} gave no non-empty document")
+    tokens = np.full((len(rows), seq_len), pad, dtype=np.int32)
+    lengths = np.array([len(r) for r in rows], dtype=np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
+    header = _fingerprint(spec, seq_len, bos, None, tokens)
+    digest = hashlib.sha256(f"{header}|padded|{pad}|".encode() + lengths.astype("<i4").tobytes()).hexdigest()
+    return PackedTokens(
+        tokens=tokens,
+        n_documents=len(rows),
+        bos_token_id=bos,
+        separator_token_id=None,
+        fingerprint=f"sha256:{digest}",
+        lengths=lengths,
+        pad_token_id=pad,
     )
 
 

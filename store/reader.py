@@ -119,6 +119,20 @@ class Store:
     def d_model(self) -> int:
         return self.meta.d_model
 
+    @property
+    def padded(self) -> bool:
+        """Built with padded packing: one document per sequence (see `lengths`)."""
+        return self.meta.data.get("packing") == "padded"
+
+    def lengths(self, seqs: Seqs | None = None) -> np.ndarray:
+        """int64 real length of each sequence: its document (plus BOS) in a padded store, else seq_len.
+
+        Position ``lengths - 1`` is a prompt's last token, whose next-token prediction it studies.
+        """
+        n = self.n_sequences
+        full = np.asarray(self.meta.data["lengths"], dtype=np.int64) if self.padded else np.full(n, self.seq_len)
+        return full[: n][self._seqs(seqs)]
+
     def layer_index(self, boundary: int) -> int:
         try:
             return self.meta.layers.index(boundary)

@@ -216,6 +216,14 @@ class StoreMeta:
             "layer outside 0..n_layers",
         )
         need(self.head.norm in ("rms", "layer", "none"), f"unknown head norm {self.head.norm!r}")
+        if self.data.get("packing") == "padded":
+            lengths = self.data.get("lengths")
+            need(
+                isinstance(lengths, list)
+                and len(lengths) == self.n_sequences
+                and all(isinstance(n, int) and 1 <= n <= self.seq_len for n in lengths),
+                "a padded store needs one length in 1..seq_len per sequence",
+            )
         tok = self.tokenizer
         need(tok is None or (isinstance(tok, dict) and isinstance(tok.get("hash"), str)), "no tokenizer hash")
 

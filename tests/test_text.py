@@ -287,6 +287,7 @@ def test_describe_is_a_json_summary(tmp_path, bos_tok):
     summary = json.loads(json.dumps(packed.describe()))
     n_seq = packed.tokens.shape[0]
     assert summary == {
+        "packing": "packed",
         "n_sequences": n_seq,
         "seq_len": 4,
         "n_tokens": n_seq * 4,

@@ -100,6 +100,14 @@ def cli() -> None:
     help="Prepend BOS to every sequence (default: as the tokenizer does).",
 )
 @click.option("--separator", default=None, help="Token placed between documents (default: EOS).")
+@click.option(
+    "--packing",
+    default="packed",
+    show_default=True,
+    type=click.Choice(["packed", "padded"]),
+    help="packed: documents cut into one token stream; padded: one document per sequence, right-padded "
+    "(prompt sets: the store records each one's length).",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted build of the same store.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing lenscache store at --out.")
 @click.option(
@@ -136,6 +144,7 @@ def build(**kw) -> None:
         seqs_per_chunk=kw["seqs_per_chunk"],
         prepend_bos=kw["prepend_bos"],
         separator=kw["separator"],
+        packing=kw["packing"],
         resume=kw["resume"],
         overwrite=kw["overwrite"],
         fsync=not kw["no_fsync"],
