@@ -54,6 +54,7 @@ from .stream import BlockSource, ResidualStream, StreamSpec, _to_torch, split_se
 
 INITS = ("unembed", "random")
 BETAS = (0.9, 0.99)
+METHODS = ("deflation", "subspace")
 
 
 # ---- the lens, the ablation and the energy -----------------------------------------------------
@@ -206,6 +207,52 @@ def _orthonormalise(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return v / v.norm()
 
 
+@torch.no_grad()
+def riemannian_adam_step(v: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, s: torch.Tensor, q: torch.Tensor,
+                         t: int, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ascent step of Adam on the unit sphere within the complement of span(q): the gradient is
+    projected onto the tangent space at `v`, the first moment is transported to the new point by
+    projection, and the second moment is one scalar (the squared tangent norm) so the step is a
+    rotation of about `lr` radians. Returns the new direction and both moments."""
+
+    def tangent(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        x = x - (x @ at) * at
+        return x - q.T @ (q @ x)
+
+    g = tangent(grad, v)
+    m = BETAS[0] * m + (1 - BETAS[0]) * g
+    s = BETAS[1] * s + (1 - BETAS[1]) * (g @ g)
+    m_hat, s_hat = m / (1 - BETAS[0] ** (t + 1)), s / (1 - BETAS[1] ** (t + 1))
+    new = _orthonormalise(v + lr * tangent(m_hat, v) / (s_hat.sqrt() + 1e-30), q)
+    return new, tangent(m, new), s
+
+
+def qr_retract(x: torch.Tensor) -> torch.Tensor:
+    """The nearest-by-QR matrix with orthonormal rows to `x` (k, d), signs fixed so R's diagonal is > 0."""
+    q, r = torch.linalg.qr(x.T)
+    sign = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+    return (q * sign).T
+
+
+@torch.no_grad()
+def stiefel_adam_step(v: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, s: torch.Tensor, t: int,
+                      lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One ascent step of Adam for all k directions at once (rows of `v`, orthonormal): the gradient
+    projected onto the Stiefel manifold's tangent space, one second moment per direction (so each
+    row turns about `lr` radians, as in `riemannian_adam_step`), a QR retraction, and the first moment
+    transported by projection."""
+
+    def tangent(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        return x - 0.5 * (x @ at.T + at @ x.T) @ at
+
+    g = tangent(grad, v)
+    m = BETAS[0] * m + (1 - BETAS[0]) * g
+    s = BETAS[1] * s + (1 - BETAS[1]) * g.pow(2).sum(1)
+    m_hat, s_hat = m / (1 - BETAS[0] ** (t + 1)), s / (1 - BETAS[1] ** (t + 1))
+    new = qr_retract(v + lr * tangent(m_hat, v) / (s_hat.sqrt() + 1e-30).unsqueeze(1))
+    return new, tangent(m, new), s
+
+
 def estimate_energies(
     store: Store,
     lens: Lens | None,
@@ -289,10 +336,11 @@ def _make_basis(store, lens, layers, k, mode, directions, mu, train_energy, eval
 
 
 # ---- the streamed fitter ----------------------------------------------------------------------
-def _settings(spec: StreamSpec, layers, k, mode, steps, lr, init, seed, eval_tokens, lens) -> dict[str, Any]:
+def _settings(spec: StreamSpec, layers, k, mode, steps, lr, init, seed, eval_tokens, lens,
+              method: str) -> dict[str, Any]:  # fmt: skip
     """What a resumed fit must share with the one it continues (and what the basis records)."""
     return {
-        "method": "streamed riemannian adam, deflation",
+        "method": f"streamed riemannian adam, {method}",
         "layers": layers, "k": k, "mode": mode, "steps_per_direction": steps, "lr": lr, "betas": list(BETAS),
         "init": init, "seed": seed, "batch_tokens": spec.batch_tokens, "buffer_tokens": spec.buffer_tokens,
         "max_tokens": spec.max_tokens, "held_out_fraction": spec.held_out_fraction, "eval_tokens": eval_tokens,
@@ -319,9 +367,19 @@ def fit_cbe(
     device: str = "cpu",
     on_step: Callable[[int], None] | None = None,
     source: BlockSource | None = None,
+    method: str = "deflation",
 ) -> Basis:
     """Fit a causal basis of `k` directions per layer for `lens` (None: the logit lens) from streamed
     minibatches of the train split; energies re-estimated on the held-out split. Saved to `out` if given.
+
+    `method`: "deflation" finds the directions one after another, each maximising its energy orthogonal
+    to those before (`steps` steps each); "subspace" moves all k at once to maximise the sum of their
+    energies on the Stiefel manifold (`steps` steps in all, each ablating every direction: the same
+    compute), then ranks them. Deflation is CBE as defined (each direction the best given those before);
+    the subspace fit optimises the sum instead, which greedy deflation can leave lower (a first
+    direction that mixes two near-equal ones leaves less for the rest). When k exceeds the dimension of
+    what the lens reads, the sum can gain by spreading k directions over it: use deflation to find
+    that dimension.
 
     `spec` sets batch_tokens, buffer_tokens, max_tokens (whole train sequences, revisited every epoch),
     read_ahead and workers; its seed and layers are replaced by `seed` and `layers`. `steps`: optimiser
@@ -330,6 +388,8 @@ def fit_cbe(
     after every step (tests use it to interrupt a fit). `source` replaces the store as the supplier of
     blocks (e.g. `MemorySource`, or synthetic states in tests); the store still gives head and shape."""
     layers = _check_inputs(store, lens, layers, k, mode, init)
+    if method not in METHODS:
+        raise BasisError(f"unknown CBE method {method!r}; choose one of {', '.join(METHODS)}")
     if steps < 1 or not lr > 0 or checkpoint_every < 0:
         raise BasisError(f"need steps >= 1, lr > 0 and checkpoint_every >= 0 (got {steps}, {lr}, {checkpoint_every})")
     if resume and out is None:
@@ -338,18 +398,20 @@ def fit_cbe(
     max_seqs = _max_sequences(store, base.max_tokens)
     train = split_sequences(store.n_sequences, base.held_out_fraction).train
     n_train_seqs = len(train) if max_seqs is None else min(len(train), max_seqs)
-    settings = _settings(base, layers, k, mode, steps, lr, init, seed, eval_tokens, lens)
+    settings = _settings(base, layers, k, mode, steps, lr, init, seed, eval_tokens, lens, method)
     out_dir = Path(out) if out is not None else None
-    total_steps = k * steps
+    joint = method == "subspace"
+    total_steps = steps if joint else k * steps
     dev = resolve_device(device)
     n_l, d = len(layers), store.d_model
 
     found = torch.zeros(n_l, k, d)
     train_energy = torch.full((n_l, k), math.nan, dtype=torch.float64)
-    v = torch.zeros(n_l, d)
-    m = torch.zeros(n_l, d)
-    s = torch.zeros(n_l)
-    ema = torch.zeros(n_l, dtype=torch.float64)  # running σ estimate of the current direction
+    # the optimiser's state: the current direction of each layer (deflation) or all k (subspace)
+    v = torch.zeros(n_l, k, d) if joint else torch.zeros(n_l, d)
+    m = torch.zeros_like(v)
+    s = torch.zeros(n_l, k) if joint else torch.zeros(n_l)
+    ema = torch.zeros(s.shape, dtype=torch.float64)  # running σ estimate of each direction being fitted
     step, mu = 0, None
     if resume:
         loaded = load_checkpoint(out_dir)
@@ -383,10 +445,14 @@ def fit_cbe(
     for batch in stream:
         if step >= total_steps:
             break
-        j, t = divmod(step, steps)
-        if t == 0:  # a new direction: start it, with fresh optimiser state
+        j, t = (0, step) if joint else divmod(step, steps)
+        if t == 0:  # a new direction (deflation) or the start (subspace): fresh optimiser state
             for i, layer in enumerate(layers):
-                v[i] = initial_direction(fns[i], found[i, :j], init, seed, layer, j, gram_u)
+                if joint:
+                    for jj in range(k):
+                        v[i, jj] = initial_direction(fns[i], v[i, :jj], init, seed, layer, jj, gram_u)
+                else:
+                    v[i] = initial_direction(fns[i], found[i, :j], init, seed, layer, j, gram_u)
             m.zero_()
             s.zero_()
             ema.zero_()
@@ -394,33 +460,28 @@ def fit_cbe(
         lr_t = lr * (1 - t / steps)
         for i, fn in enumerate(fns):
             h = batch.resid[i].to(dev)
-            q = found[i, :j].to(dev)
             with torch.no_grad():
                 logp = fn(h)
-            vi = v[i].to(dev).requires_grad_(True)
-            energy = kl(logp, fn(ablate(h, vi, mode, mus[i], partner))).mean()
-            (grad,) = torch.autograd.grad(energy, vi)
-            with torch.no_grad():
-                vi = vi.detach()
-
-                def tangent(x: torch.Tensor, at: torch.Tensor, q: torch.Tensor = q) -> torch.Tensor:
-                    x = x - (x @ at) * at
-                    return x - q.T @ (q @ x)
-
-                g = tangent(grad, vi)
-                mi = BETAS[0] * m[i].to(dev) + (1 - BETAS[0]) * g
-                si = BETAS[1] * s[i].to(dev) + (1 - BETAS[1]) * (g @ g)
-                m_hat, s_hat = mi / (1 - BETAS[0] ** (t + 1)), si / (1 - BETAS[1] ** (t + 1))
-                u = tangent(m_hat, vi) / (s_hat.sqrt() + 1e-30)
-                new = _orthonormalise(vi + lr_t * u, q)  # ascent: σ is maximised
-                v[i], m[i], s[i] = new.cpu(), tangent(mi, new).cpu(), si.cpu()
-                ema[i] = float(energy) if t == 0 else 0.9 * ema[i] + 0.1 * float(energy)
+            if joint:
+                energy, grad = _energies_and_grad(fn, h, logp, v[i].to(dev), mode, mus[i], partner)
+                new, mi, si = stiefel_adam_step(v[i].to(dev), grad, m[i].to(dev), s[i].to(dev), t, lr_t)
+            else:
+                vi = v[i].to(dev).requires_grad_(True)
+                e = kl(logp, fn(ablate(h, vi, mode, mus[i], partner))).mean()
+                (grad,) = torch.autograd.grad(e, vi)
+                energy = e.detach().double()
+                q = found[i, :j].to(dev)
+                new, mi, si = riemannian_adam_step(vi.detach(), grad, m[i].to(dev), s[i].to(dev), q, t, lr_t)
+            v[i], m[i], s[i] = new.cpu(), mi.cpu(), si.cpu()
+            ema[i] = energy.cpu() if t == 0 else 0.9 * ema[i] + 0.1 * energy.cpu()
         step += 1
-        if t == steps - 1:
+        if joint and step == total_steps:
+            found, train_energy = v.clone(), ema.clone()
+        elif not joint and t == steps - 1:
             found[:, j] = v
             train_energy[:, j] = ema
         bar.update()
-        bar.set_postfix({"direction": f"{j + 1}/{k}", "σ": f"{float(ema.mean()):.4f}"})
+        bar.set_postfix({"direction": "all" if joint else f"{j + 1}/{k}", "σ": f"{float(ema.mean()):.4f}"})
         if on_step is not None:
             on_step(step)
         if out_dir is not None and checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
@@ -440,6 +501,19 @@ def fit_cbe(
         basis.save(out_dir)
         remove_checkpoint(out_dir)
     return basis
+
+
+def _energies_and_grad(fn: LensFn, h: torch.Tensor, logp: torch.Tensor, v: torch.Tensor, mode: str,
+                       mu: torch.Tensor, partner: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Each direction's minibatch energy (k,) and the gradient of their sum; one direction's ablated
+    batch at a time, so memory stays that of one ablation."""
+    v = v.detach().requires_grad_(True)
+    energies = torch.empty(v.shape[0], dtype=torch.float64)
+    for j in range(v.shape[0]):
+        e = kl(logp, fn(ablate(h, v[j], mode, mu, partner))).mean()
+        e.backward()
+        energies[j] = float(e.detach())
+    return energies, v.grad
 
 
 # ---- the reference's algorithm, in memory ---------------------------------------------------------

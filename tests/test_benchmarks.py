@@ -32,7 +32,12 @@ RATIOS: dict[str, list[str]] = {
         "user_wait.passes_share_of_wall",
         "fsync_throughput_ratio",
     ],
-    "bench_cbe": ["energy_ratio_streamed_over_full_batch.*", "min_energy_ratio", "rss.peak_rss_growth_4x_tokens"],
+    "bench_cbe": [
+        "energy_ratio_streamed_over_full_batch.*.*",
+        "first_energy_ratio_streamed_over_full_batch.*.*",
+        "min_energy_ratio.*",
+        "rss.peak_rss_growth_4x_tokens",
+    ],
     "bench_codecs": [
         "presets.*.ratio_vs_fp16_raw",
         "presets.*.ratio_vs_fp16_zstd_store",
@@ -40,6 +45,7 @@ RATIOS: dict[str, list[str]] = {
         "presets.*.worst_error_over_bound",
     ],
     "bench_lenses": ["affine_over_tuned_time"],
+    "bench_depth": ["rss.peak_rss_ratio_4x_tokens", "rss.peak_rss_growth_4x_tokens"],
     "bench_stream": [
         "fit.throughput_ratio_zarr_over_memory",
         "fit.read_share_of_fit_zarr",

@@ -30,6 +30,8 @@ from lenscache.fit.cbe import (
     gram_of_unembed,
     initial_direction,
     partners,
+    qr_retract,
+    stiefel_adam_step,
     stream_mean,
 )
 from lenscache.fit.lens import Lens
@@ -196,10 +198,11 @@ def _kill_at(n: int):
     return hook
 
 
-@pytest.mark.parametrize("kill_at", [7, 13])  # 7: inside direction 1 (checkpoint 5); 13: from the start of 2
-def test_killed_fit_resumes_to_the_same_basis_bit_for_bit(store, tmp_path, kill_at):
+# deflation: 7 is inside direction 1 (checkpoint 5), 13 from the start of direction 2; subspace: 7 of 10
+@pytest.mark.parametrize(("kill_at", "method"), [(7, "deflation"), (13, "deflation"), (7, "subspace")])
+def test_killed_fit_resumes_to_the_same_basis_bit_for_bit(store, tmp_path, kill_at, method):
     args = dict(layers=[1, LAYER], k=2, mode="resample", spec=StreamSpec(batch_tokens=48, buffer_tokens=96),
-                steps=10, lr=0.1, seed=3, progress=False, checkpoint_every=5)  # fmt: skip
+                steps=10, lr=0.1, seed=3, progress=False, checkpoint_every=5, method=method)  # fmt: skip
     clean = fit_cbe(store, None, out=tmp_path / "clean", **args)
     killed = tmp_path / "killed"
     with pytest.raises(Killed):
@@ -315,6 +318,35 @@ def test_bad_input_is_refused_before_anything_is_written(store, store_path, tmp_
         fit_cbe(other, Lens.identity(store, [1], kind="affine"), [1], k=2, out=out, progress=False)
     assert not out.exists()
     assert issubclass(BasisError, LensCacheError)
+
+
+def test_the_subspace_fit_recovers_the_planted_subspace_with_both_energies(store):
+    source = PlantedSource(store, store.d_model)
+    lens = planted_lens(store, source.S)
+    basis = fit_cbe(store, lens, [LAYER], k=2, spec=StreamSpec(batch_tokens=64), steps=200, lr=0.1,
+                    init="random", progress=False, source=source, method="subspace")  # fmt: skip
+    assert basis.config.settings["method"].endswith("subspace")
+    assert largest_angle(basis.for_layer(LAYER).T, source.S) < 0.01
+    energies = basis.energies[0]
+    assert energies[0] >= energies[1] > 0.2 * energies[0]
+
+
+def test_a_stiefel_step_keeps_the_directions_orthonormal_and_ascends():
+    gen = torch.Generator().manual_seed(0)
+    v = qr_retract(torch.randn(4, 12, generator=gen))
+    target = qr_retract(torch.randn(4, 12, generator=gen))
+    m, s = torch.zeros_like(v), torch.zeros(4)
+    start = float((v @ target.T).pow(2).sum())  # ‖projection onto the target span‖², maximised at 4
+    for t in range(60):
+        grad = 2 * (v @ target.T) @ target
+        v, m, s = stiefel_adam_step(v, grad, m, s, t, 0.1 * (1 - t / 60))
+        assert torch.allclose(v @ v.T, torch.eye(4), atol=1e-5)
+    assert float((v @ target.T).pow(2).sum()) > max(start, 3.99)
+
+
+def test_an_unknown_method_is_refused(store):
+    with pytest.raises(BasisError, match="unknown CBE method 'lbfgs'"):
+        fit_cbe(store, None, [LAYER], k=2, method="lbfgs", progress=False)
 
 
 def test_the_full_batch_reference_matches_the_streamed_fit(store):
