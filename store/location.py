@@ -5,6 +5,13 @@ the reader's machine) or special files (a FIFO that blocks a read forever). Read
 `check_local_tree` walks the store once when it is opened, and `SafeLocalStore` opens every member
 one path component at a time without following links, so a link swapped in later is refused too.
 No byte behind a link is ever read.
+
+An fsspec URL takes its options (credentials, endpoint) from the environment and fsspec's own
+configuration, never from lenscache: for ``s3://`` (s3fs, ``pip install 'lenscache[s3]'``) the
+standard AWS variables (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or ``AWS_PROFILE``,
+``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` for an S3-compatible service) or fsspec's
+``FSSPEC_S3_*`` variables / config files. A refusal by the service becomes a `StoreError` naming the
+location (`remote_access`), as does a bucket that does not exist (`classify`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import errno
 import json
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
@@ -60,16 +69,72 @@ def zarr_store(location: str | os.PathLike, *, read_only: bool) -> Store:
     return LocalStore(path, read_only=read_only)
 
 
+def url_fs(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem and path for `url`; a protocol whose package is missing is a StoreError."""
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except ImportError as exc:  # fsspec's message names the package (s3fs for s3://: lenscache[s3])
+        raise StoreError(f"{url}: {exc}") from None
+
+
 def _fs(location: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     if is_url(location):
-        fs, path = fsspec.core.url_to_fs(str(location))
-        return fs, path
+        return url_fs(location)
     return fsspec.filesystem("file"), str(_local_path(location).resolve())
+
+
+# What to set when an object store refuses access (named in the errors below).
+CREDENTIALS_HINT = (
+    "check the credentials (for s3://: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the "
+    "endpoint (AWS_ENDPOINT_URL for an S3-compatible service)"
+)
+
+
+@contextmanager
+def remote_access(location: str | os.PathLike, action: str = "read") -> Iterator[None]:
+    """Turn an object store's refusal (wrong credentials, a read-only identity) into a StoreError naming
+    the location; local paths keep their own OSError (which names the file)."""
+    try:
+        yield
+    except PermissionError as exc:
+        if not is_url(location):
+            raise
+        if action == "write":
+            raise StoreError(
+                f"{location}: the storage service does not let these credentials write there ({exc}); "
+                f"read-only credentials can read stores but not write them; {CREDENTIALS_HINT}"
+            ) from None
+        raise StoreError(f"{location}: the storage service refused access ({exc}); {CREDENTIALS_HINT}") from None
+
+
+def _missing_bucket(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The bucket of `path` when the object store says it does not exist (s3fs: one listing request of
+    at most one key); None when it exists or the filesystem cannot tell."""
+    split, call = getattr(fs, "split_path", None), getattr(fs, "call_s3", None)
+    if split is None or call is None:
+        return None
+    bucket = split(path)[0]
+    try:
+        call("list_objects_v2", Bucket=bucket, MaxKeys=1)
+    except FileNotFoundError:
+        return bucket
+    return None
 
 
 def classify(location: str | os.PathLike) -> str:
     """'absent', 'empty' (an empty directory, or one holding only a writer lock), 'store' (a lenscache
-    store), or 'other'."""
+    store), or 'other'. On an object store a bucket that does not exist, or credentials it refuses,
+    raise StoreError naming the location."""
+    if not is_url(location):
+        return _classify(location)
+    with remote_access(location):
+        state = _classify(location)
+        if state == "absent" and (bucket := _missing_bucket(*_fs(location))) is not None:
+            raise StoreError(f"{location}: the bucket {bucket!r} does not exist (or this endpoint does not have it)")
+    return state
+
+
+def _classify(location: str | os.PathLike) -> str:
     fs, path = _fs(location)
     if not fs.exists(path):
         return "absent"
@@ -94,7 +159,8 @@ def classify(location: str | os.PathLike) -> str:
 def root_document(location: str | os.PathLike) -> dict:
     """The root group's zarr.json, parsed (callers have checked that it exists)."""
     fs, path = _fs(location)
-    raw = _read_root(location, fs, path)
+    with remote_access(location):
+        raw = _read_root(location, fs, path)
     if raw is None:
         raise StoreError(f"{location} has no zarr.json")
     return json.loads(raw)

@@ -204,7 +204,7 @@ class _LockFile:
         self.url = str(url)
         self.fs: fsspec.AbstractFileSystem | None = None
         if location.is_url(url):
-            self.fs, root = fsspec.core.url_to_fs(self.url)
+            self.fs, root = location.url_fs(self.url)
             self.root = root.rstrip("/")
             self.path = f"{self.root}/{LOCK_NAME}"
             _check_exclusive_create(self.fs)
@@ -217,7 +217,7 @@ class _LockFile:
         """Write `data` as the lock file if there is none; False when one exists."""
         if self.fs is not None:
             try:
-                with self.fs.open(self.path, "xb") as f:
+                with location.remote_access(self.url, "write"), self.fs.open(self.path, "xb") as f:
                     f.write(data)
             except FileExistsError:
                 return False
@@ -308,9 +308,10 @@ def _check_exclusive_create(fs: fsspec.AbstractFileSystem) -> None:
 def read_lock(url: str | os.PathLike) -> LockRecord | None:
     """The lock record at `url`, or None when no writer holds (or left) a lock there."""
     if location.is_url(url):
-        fs, root = fsspec.core.url_to_fs(str(url))
+        fs, root = location.url_fs(url)
         try:
-            raw = fs.cat_file(f"{root.rstrip('/')}/{LOCK_NAME}")
+            with location.remote_access(url):
+                raw = fs.cat_file(f"{root.rstrip('/')}/{LOCK_NAME}")
         except (FileNotFoundError, NotADirectoryError):
             return None
     else:
