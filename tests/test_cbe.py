@@ -386,3 +386,13 @@ def test_cli_writes_a_basis_and_refuses_bad_input_leaving_nothing(store, store_p
         r = _cli(store_path, "--out", str(target), *args, "--steps", "3", "--no-progress")
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
         assert not target.exists() and not (tmp_path / f"bad-{name}.partial").exists()
+
+
+def test_cli_method_subspace_is_recorded(store_path, tmp_path):
+    out = tmp_path / "sub"
+    r = _cli(store_path, "--lens", "logit", "--out", str(out), "--layers", str(LAYER), "--k", "2", "--steps", "3",
+             "--batch-tokens", "32", "--method", "subspace", "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert Basis.load(out).config.settings["method"].endswith("subspace")
+    bad = _cli(store_path, "--lens", "logit", "--out", str(tmp_path / "bad"), "--method", "greedy")
+    assert bad.returncode != 0 and "greedy" in bad.stderr and not (tmp_path / "bad").exists()

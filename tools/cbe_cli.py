@@ -1,5 +1,8 @@
 """`lenscache cbe`: causal basis extraction for a lens, from a store alone (no model).
 
+``lenscache cbe`` is a group: ``lenscache cbe fit STORE …`` fits a basis, and ``lenscache cbe STORE …``
+(no subcommand) still means ``fit``; ``lenscache cbe fidelity`` (`lenscache.tools.cbe_fidelity`)
+tests a basis in the model itself.
 The fit works in ``OUT.partial`` (its checkpoints live there, so `--resume` continues from it) and
 the finished basis is renamed to OUT: OUT is only ever absent, the old basis, or the new one.
 Registered in the main CLI (``lenscache cbe``), whose `main` turns errors into one line.
@@ -12,6 +15,8 @@ import shutil
 from pathlib import Path
 
 import click
+
+from lenscache.tools.cbe_fidelity import fidelity
 
 MODES = ("mean", "zero", "resample")
 
@@ -56,7 +61,25 @@ def _publish(work: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-@click.command(name="cbe")
+class DefaultGroup(click.Group):
+    """A group whose arguments go to `default` when they do not start with a subcommand's name."""
+
+    def __init__(self, *args, default: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default = default
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(name="cbe", cls=DefaultGroup, default="fit")
+def cbe() -> None:
+    """Causal basis extraction: `fit` a basis (the default: `lenscache cbe STORE …`), or test its `fidelity`."""
+
+
+@cbe.command(name="fit")
 @click.argument("store")
 @click.option("--lens", "lens_dir", required=True, help="Lens directory (lens.json + lens.safetensors), or 'logit'.")
 @click.option("--out", required=True, help="Basis directory to write (basis.safetensors + basis.json).")
@@ -65,7 +88,16 @@ def _publish(work: Path, out: Path) -> None:
 @click.option("--max-tokens", default=None, type=int, help="Train tokens to fit on (whole sequences; default all).")
 @click.option("--eval-tokens", default=None, type=int, help="Held-out tokens for the final energies (default all).")
 @click.option("--mode", default="mean", show_default=True, type=click.Choice(MODES), help="Ablation.")
-@click.option("--steps", default=100, show_default=True, type=int, help="Optimiser steps per direction.")
+@click.option(
+    "--method",
+    default="deflation",
+    show_default=True,
+    type=click.Choice(["deflation", "subspace"]),
+    help="deflation: one direction after another (CBE as defined); subspace: all k at once, maximising "
+    "the sum of their energies.",
+)
+@click.option("--steps", default=100, show_default=True, type=int, help="Optimiser steps per direction (deflation) "
+              "or in all (subspace).")
 @click.option("--lr", default=0.1, show_default=True, type=float, help="First step's rotation (radians).")
 @click.option("--batch-tokens", default=512, show_default=True, type=int, help="Tokens per step.")
 @click.option("--buffer-tokens", default=16384, show_default=True, type=int, help="Shuffle buffer (memory bound).")
@@ -76,7 +108,7 @@ def _publish(work: Path, out: Path) -> None:
 @click.option("--resume", is_flag=True, help="Continue a killed fit from OUT.partial.")
 @click.option("--overwrite", is_flag=True, help="Replace a basis in --out (and any unfinished fit).")
 @click.option("--no-progress", is_flag=True)
-def cbe(store: str, lens_dir: str, out: str, **kw) -> None:
+def fit(store: str, lens_dir: str, out: str, **kw) -> None:
     """Causal basis extraction: the k directions per layer whose ablation changes the lens's output most."""
     from lenscache.fit.cbe import fit_cbe
     from lenscache.fit.lens import Lens
@@ -95,6 +127,7 @@ def cbe(store: str, lens_dir: str, out: str, **kw) -> None:
         st, lens, _layers(kw["layers"]), k=kw["k"], mode=kw["mode"], spec=spec, steps=kw["steps"], lr=kw["lr"],
         seed=kw["seed"], out=work, resume=kw["resume"], progress=not kw["no_progress"], init=kw["init"],
         eval_tokens=kw["eval_tokens"], checkpoint_every=kw["checkpoint_every"], device=kw["device"],
+        method=kw["method"],
     )  # fmt: skip
     _publish(work, where)
     click.echo(f"wrote a {kw['mode']}-ablation basis of {basis.config.k} directions for {len(basis.layers)} layers to {out}")
@@ -102,3 +135,6 @@ def cbe(store: str, lens_dir: str, out: str, **kw) -> None:
         top = ", ".join(f"{e:.4f}±{s:.4f}" for e, s in zip(basis.energies[i, :4].tolist(), basis.stderr[i, :4].tolist(),
                                                            strict=True))  # fmt: skip
         click.echo(f"  layer {layer}: top energies (nats, held out) {top}")
+
+
+cbe.add_command(fidelity)
