@@ -10,7 +10,11 @@ import click
 from lenscache import __version__
 from lenscache.encoding import DEFAULT_PRESET, PRESETS
 from lenscache.errors import LensCacheError
+from lenscache.tools.analysis_cli import depth, trajectory
+from lenscache.tools.anomaly_cli import anomaly
 from lenscache.tools.cbe_cli import cbe
+from lenscache.tools.copy_cli import copy_cmd
+from lenscache.tools.linrep_cli import linrep
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -418,7 +422,8 @@ def lens_import(tuned_lens_dir: str, store: str, out: str) -> None:
     click.echo(f"wrote {import_tuned_lens(tuned_lens_dir, open_store(store)).save(out)}")
 
 
-cli.add_command(cbe)
+for command in (cbe, trajectory, depth, anomaly, linrep, copy_cmd):
+    cli.add_command(command)
 
 INTERRUPTED = "interrupted; an interrupted build continues with --resume"
 
