@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lenscache.tools.smoke import peak_rss_mib, run_in_child
 
 REAL = {"layers": "6,14,22", "k": 8, "tokens": 1024, "steps": 30, "batch_tokens": 256, "eval_tokens": 1024,
         "max_iter": 10, "rss_steps": 2, "rss_k": 2}  # fmt: skip
 SMOKE = {"layers": "1,2", "k": 2, "tokens": 256, "steps": 20, "batch_tokens": 64, "eval_tokens": 128,
          "max_iter": 5, "rss_steps": 2, "rss_k": 2}  # fmt: skip
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _load_lens(lens: str):
@@ -42,7 +37,7 @@ def _load_lens(lens: str):
 
 def rss_run(store: str, lens: str, layers: list[int], k: int, tokens: int, steps: int, batch_tokens: int,
             eval_tokens: int) -> dict:  # fmt: skip
-    """One streamed CBE fit in this process; its peak RSS (run in a child, see `_in_child`)."""
+    """One streamed CBE fit in this process; its peak RSS (run in a child, see `run_in_child`)."""
     from lenscache.fit.cbe import fit_cbe
     from lenscache.fit.stream import StreamSpec
     from lenscache.reader import open_store
@@ -54,18 +49,8 @@ def rss_run(store: str, lens: str, layers: list[int], k: int, tokens: int, steps
     return {
         "tokens": basis.config.tokens["train_tokens"],
         "seconds": round(time.perf_counter() - started, 2),
-        "peak_rss_MiB": round(_peak_rss_mib(), 1),
+        "peak_rss_MiB": round(peak_rss_mib(), 1),
     }
-
-
-def _in_child(*args) -> dict:
-    code = (
-        "import json; from lenscache.tools.bench_cbe import rss_run; "
-        f"print('RESULT ' + json.dumps(rss_run(*{list(args)!r})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,8 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
             first[method][str(layer)] = round(float(streamed.energies[i, 0] / full.energies[i, 0]), 4)
 
     rss_args = (store_url, lens, layers, sizes["rss_k"])
-    small = _in_child(*rss_args, tokens, sizes["rss_steps"], sizes["batch_tokens"], sizes["eval_tokens"])
-    big = _in_child(*rss_args, 4 * tokens, sizes["rss_steps"], sizes["batch_tokens"], sizes["eval_tokens"])
+    small = run_in_child("bench_cbe", "rss_run", *rss_args, tokens, sizes["rss_steps"], sizes["batch_tokens"], sizes["eval_tokens"])
+    big = run_in_child("bench_cbe", "rss_run", *rss_args, 4 * tokens, sizes["rss_steps"], sizes["batch_tokens"], sizes["eval_tokens"])
     result = {
         "smoke": bool(args.smoke),
         "machine": describe_machine(),

@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lenscache.tools.smoke import peak_rss_mib, run_in_child
 
 REAL = {"tokens": 16384, "batch_tokens": 512}
 SMOKE = {"tokens": 256, "batch_tokens": 64}
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def rss_run(store: str, lens: str, tokens: int, batch_tokens: int, out: str) -> dict:
-    """One streamed depth pass in this process (run in a child, see `_in_child`)."""
+    """One streamed depth pass in this process (run in a child, see `run_in_child`)."""
     from lenscache.analysis.depth import write_depth
     from lenscache.fit.lens import Lens
     from lenscache.reader import open_store
@@ -42,19 +37,9 @@ def rss_run(store: str, lens: str, tokens: int, batch_tokens: int, out: str) -> 
     return {
         "tokens": summary.tokens,
         "seconds": round(time.perf_counter() - started, 2),
-        "peak_rss_MiB": round(_peak_rss_mib(), 1),
+        "peak_rss_MiB": round(peak_rss_mib(), 1),
         "summary": summary.to_dict(),
     }
-
-
-def _in_child(*args) -> dict:
-    code = (
-        "import json; from lenscache.tools.bench_depth import rss_run; "
-        f"print('RESULT ' + json.dumps(rss_run(*{list(args)!r})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,8 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     available = st.n_sequences * st.seq_len
     if 4 * tokens > available:
         ap.error(f"--tokens {tokens}: 4x that is more than the store's {available:,} tokens")
-    small = _in_child(store_url, lens, tokens, sizes["batch_tokens"], str(work / "small"))
-    big = _in_child(store_url, lens, 4 * tokens, sizes["batch_tokens"], str(work / "big"))
+    small = run_in_child("bench_depth", "rss_run", store_url, lens, tokens, sizes["batch_tokens"], str(work / "small"))
+    big = run_in_child("bench_depth", "rss_run", store_url, lens, 4 * tokens, sizes["batch_tokens"], str(work / "big"))
     ratio = big["peak_rss_MiB"] / small["peak_rss_MiB"]
     result = {
         "smoke": bool(args.smoke),

@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +34,14 @@ from lenscache.fit.stream import BlockSource, MemorySource, ResidualStream, Stre
 from lenscache.fit.tuned import TunedConfig, fit_tuned
 from lenscache.reader import open_store
 from lenscache.tools.machine import describe_machine
-from lenscache.tools.smoke import add_smoke_args, out_path, smoke_model, smoke_store
+from lenscache.tools.smoke import (
+    add_smoke_args,
+    out_path,
+    peak_rss_mib,
+    run_in_child,
+    smoke_model,
+    smoke_store,
+)
 
 # a checkpoint interval no fit here reaches: checkpoints would be timed with the fit
 
@@ -65,10 +69,6 @@ class TimedSource:
         return block
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def pass_rss(url: str, buffer_tokens: int, read_ahead: int, batch_tokens: int) -> dict:
     """One full pass over the train split (no compute): tokens, seconds, MB/s, peak RSS."""
     store = open_store(url)
@@ -92,17 +92,8 @@ def pass_rss(url: str, buffer_tokens: int, read_ahead: int, batch_tokens: int) -
         "seconds": round(seconds, 2),
         "decompressed_MB_per_s": round(stored / seconds / 1e6, 1),
         "float32_MB_per_s_delivered": round(delivered / seconds / 1e6, 1),
-        "peak_rss_MiB": round(_peak_rss_mib(), 1),
+        "peak_rss_MiB": round(peak_rss_mib(), 1),
     }
-
-
-def _in_subprocess(url: str, buffer_tokens: int, read_ahead: int, batch_tokens: int) -> dict:
-    code = (
-        "import json,sys; from lenscache.tools.bench_stream import pass_rss; "
-        f"print(json.dumps(pass_rss({url!r}, {buffer_tokens}, {read_ahead}, {batch_tokens})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def matmul_flops(d: int, vocab: int, tokens: int, repeats: int = 5) -> float:
@@ -217,10 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
     del memory
 
     # 2 + 3: read throughput and peak RSS, each store in a fresh process
-    small = _in_subprocess(args.store, args.rss_buffer_tokens, args.rss_read_ahead, args.batch_tokens)
+    small = run_in_child("bench_stream", "pass_rss", args.store, args.rss_buffer_tokens, args.rss_read_ahead, args.batch_tokens)
     result["read"] = small
     if args.big_store:
-        big = _in_subprocess(args.big_store, args.rss_buffer_tokens, args.rss_read_ahead, args.batch_tokens)
+        big = run_in_child("bench_stream", "pass_rss", args.big_store, args.rss_buffer_tokens, args.rss_read_ahead, args.batch_tokens)
         result["rss"] = {
             "small": small,
             "big": big,

@@ -8,6 +8,10 @@ as the real run with tiny sizes, so a benchmark that no longer runs fails in the
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -65,3 +69,20 @@ def smoke_store(out: Path, model: str, seqs: int, seq_len: int = 32, seqs_per_ch
         )
     )
     return str(out)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_in_child(module: str, function: str, *args) -> dict:
+    """`lenscache.tools.<module>.<function>(*args)` in a fresh interpreter, so that its peak RSS is its own;
+    the JSON-able dict it returns."""
+    code = (
+        f"import json; from lenscache.tools.{module} import {function}; "
+        f"print('RESULT ' + json.dumps({function}(*{list(args)!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
