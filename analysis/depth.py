@@ -39,7 +39,7 @@ from lenscache.fit.losses import FinalDist, layer_groups, log_probs
 from lenscache.fit.stream import IGNORE_INDEX, ResidualStream, StreamSpec, split_sequences
 from lenscache.reader import Store
 
-from .trajectory import choose_layers, temp_name
+from .trajectory import choose_layers, save_png, temp_name
 
 PARQUET, SUMMARY, PLOT = "depth.parquet", "depth.json", "depth.png"
 TOKEN_BLOCK = 256  # sequences of token ids per read in the frequency pass
@@ -254,9 +254,7 @@ def prediction_depth(
 
 def _lengths(store: Store) -> np.ndarray | None:
     """Real lengths of a padded store's sequences (positions past them are padding), else None."""
-    if not getattr(store, "padded", False):
-        return None
-    return np.asarray(store.lengths(), dtype=np.int64)
+    return store.lengths() if store.padded else None
 
 
 def _table(cols: dict[str, Any], schema):
@@ -307,15 +305,7 @@ def plot_depth(summary: DepthSummary, path: str | os.PathLike) -> Path:
     ax2.set_ylabel("mean final loss [nats]")
     ax2.set_title("the model's loss on tokens of each depth")
     fig.suptitle(f"{Path(summary.store).name}: {summary.tokens:,} tokens ({summary.split})")
-    out = Path(path)
-    tmp = temp_name(out)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_png(fig, path)
 
 
 def write_depth(store: Store, lenses: dict[str, Lens | None], out_dir: str | os.PathLike, **kw: Any) -> DepthSummary:

@@ -117,6 +117,21 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def save_png(fig: Any, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG at `path` (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    tmp = temp_name(out)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def write_json(traj: Trajectory, path: str | os.PathLike) -> Path:
     out = Path(path)
     tmp = temp_name(out)

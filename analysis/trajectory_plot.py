@@ -16,7 +16,7 @@ import numpy as np
 
 from lenscache.errors import SelectionError
 
-from .trajectory import Trajectory, temp_name
+from .trajectory import Trajectory, save_png
 
 PLOT_STATS = {
     "entropy": "entropy [nats]",
@@ -123,15 +123,7 @@ def plot_trajectory(
     heading = title or f"{_describe(traj)}: top-1 token per cell, colour = {PLOT_STATS[stat]}; {shown}"
     chars = max(40, int(fig.get_figwidth() * 10))  # about 10 characters of 11 pt per inch
     fig.suptitle("\n".join(textwrap.wrap(heading, chars)), fontsize=11)
-    out = Path(path)
-    tmp = temp_name(out)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_png(fig, path)
 
 
 def _describe(traj: Trajectory) -> str:
