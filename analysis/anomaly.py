@@ -49,6 +49,8 @@ from lenscache.fit.losses import FinalDist, entropy, log_probs
 from lenscache.fit.stream import chunk_aligned_blocks
 from lenscache.reader import Store
 
+from .prompt_store import check_prompt_store
+
 DETECTORS = ("raw", "isolation_forest", "lof")
 DETECTOR_TITLES = {"raw": "raw score", "isolation_forest": "IsolationForest", "lof": "LocalOutlierFactor"}
 FINAL_SET = "final entropy"
@@ -60,32 +62,7 @@ FILES = ("anomaly.json", "anomaly.md", "anomaly.png", "features.npz")
 # ---- checking the store against the prompts -----------------------------------------------------
 def check_prompts_match(store: Store, rows: list[dict[str, Any]]) -> None:
     """Refuse a store that was not built (padded) from exactly these prompts, in this order."""
-    if not store.padded:
-        raise DataError(
-            f"store {store.url} was built with packed sequences; anomaly detection needs one prompt per "
-            "sequence: build it with --packing padded --data PROMPTS.jsonl"
-        )
-    if store.n_sequences != len(rows):
-        raise DataError(
-            f"store {store.url} has {store.n_sequences} sequences but the prompts file has {len(rows)} prompts; "
-            "build the store from this prompts file (without --max-tokens)"
-        )
-    tokenizer = store.tokenizer()
-    bos = store.meta.data.get("bos_token_id")
-    lengths = store.lengths()
-    for block in chunk_aligned_blocks(range(len(rows)), store.meta.build.seqs_per_chunk):
-        tokens = store.tokens(block)
-        texts = [rows[i]["text"] for i in block]
-        encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        for j, i in enumerate(block):
-            want = ([bos] if bos is not None else []) + list(encoded[j])
-            got = tokens[j, : lengths[i]].tolist()
-            if got != want:
-                raise DataError(
-                    f"sequence {i} of store {store.url} is not prompt {i} of the prompts file "
-                    f"({len(got)} stored tokens, the prompt encodes to {len(want)}; the text begins "
-                    f"{rows[i]['text'][:40]!r}); build the store from this prompts file"
-                )
+    check_prompt_store(store, [row["text"] for row in rows])
 
 
 # ---- features ---------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from lenscache.errors import LensCacheError, StoreError
 
 from .concepts import ConceptError, ConceptPairs, PromptRow
 from .linrep import CausalInnerProduct, concept_direction, cosine, unembedding
+from .prompt_store import check_prompt_store
 
 VIEWS = ("raw", "lens")
 
@@ -53,34 +54,9 @@ class PromptMismatch(StoreError):
 # ---- the prompts and the store -------------------------------------------------------------------
 
 
-def check_prompts(store: Any, rows: list[PromptRow], chunk: int = 4096) -> None:
+def check_prompts(store: Any, rows: list[PromptRow]) -> None:
     """Refuse a store that is not the padded build of exactly these prompts (count and token ids)."""
-    if not store.padded:
-        raise PromptMismatch(
-            f"store {store.url} was not built with --packing padded; build the prompts with "
-            "`lenscache build --packing padded --data PROMPTS.jsonl`"
-        )
-    if store.n_sequences != len(rows):
-        raise PromptMismatch(
-            f"store {store.url} has {store.n_sequences} sequences but the prompts file has {len(rows)} prompts; "
-            "build the store from this prompts file (no --max-tokens)"
-        )
-    tokenizer = store.tokenizer()
-    bos = store.meta.data.get("bos_token_id")
-    for start in range(0, len(rows), chunk):
-        stop = min(len(rows), start + chunk)
-        tokens = store.tokens(slice(start, stop))
-        lengths = store.lengths(slice(start, stop))
-        texts = [r.text for r in rows[start:stop]]
-        encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        for i, ids in enumerate(encoded):
-            want = ([int(bos)] if bos is not None else []) + list(ids)
-            got = tokens[i, : lengths[i]].tolist()
-            if got != want:
-                raise PromptMismatch(
-                    f"sequence {start + i} of store {store.url} is not prompt {start + i} of the prompts file "
-                    f"({rows[start + i].text!r}); build the store from this prompts file"
-                )
+    check_prompt_store(store, [r.text for r in rows], PromptMismatch)
 
 
 @dataclass
