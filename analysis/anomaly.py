@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from lenscache.errors import DataError, LensError
 from lenscache.fit.lens import Lens
 from lenscache.fit.losses import FinalDist, entropy, log_probs
 from lenscache.fit.stream import chunk_aligned_blocks
+from lenscache.publish import publish_dir
 from lenscache.reader import Store
 
 from .prompt_store import check_prompt_store
@@ -389,11 +389,8 @@ def write_outputs(
     """anomaly.json, anomaly.md, anomaly.png and features.npz into `out`, written in a temporary
     directory beside it and renamed into place whole (an existing `out` is replaced only with `overwrite`)."""
     where = check_out(out, overwrite)
-    tmp = where.with_name(f".{where.name}.tmp-{os.getpid()}")
-    old = where.with_name(f".{where.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         (tmp / "anomaly.json").write_text(json.dumps(result.to_dict(), indent=2))
         (tmp / "anomaly.md").write_text(markdown(result))
         _plot(result, tmp / "anomaly.png")
@@ -401,10 +398,6 @@ def write_outputs(
             tmp / "features.npz", values=features.values, names=np.asarray(features.names),
             labels=np.asarray([r["label"] for r in rows]), groups=np.asarray([r["group"] for r in rows]),
         )  # fmt: skip
-        if where.exists():
-            os.replace(where, old)
-        os.replace(tmp, where)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+
+    publish_dir(where, write)
     return where

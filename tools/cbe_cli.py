@@ -10,12 +10,12 @@ Registered in the main CLI (``lenscache cbe``), whose `main` turns errors into o
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import click
 
+from lenscache.publish import replace_dir
 from lenscache.tools.cbe_fidelity import fidelity
 
 MODES = ("mean", "zero", "resample")
@@ -49,16 +49,6 @@ def _check_out(out: Path, overwrite: bool, resume: bool) -> None:
         raise click.UsageError(
             f"{work} holds an unfinished fit: continue it with --resume, or start over with --overwrite"
         )
-
-
-def _publish(work: Path, out: Path) -> None:
-    """Rename the finished basis in `work` to `out`, replacing an old one only once the new one is whole."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(work, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class DefaultGroup(click.Group):
@@ -129,7 +119,7 @@ def fit(store: str, lens_dir: str, out: str, **kw) -> None:
         eval_tokens=kw["eval_tokens"], checkpoint_every=kw["checkpoint_every"], device=kw["device"],
         method=kw["method"],
     )  # fmt: skip
-    _publish(work, where)
+    replace_dir(work, where)
     click.echo(f"wrote a {kw['mode']}-ablation basis of {basis.config.k} directions for {len(basis.layers)} layers to {out}")
     for i, layer in enumerate(basis.layers):
         top = ", ".join(f"{e:.4f}±{s:.4f}" for e, s in zip(basis.energies[i, :4].tolist(), basis.stderr[i, :4].tolist(),

@@ -15,37 +15,16 @@ Registered in the main CLI, whose `main` turns errors into one line.
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import click
+
+from lenscache.publish import publish_dir
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise click.UsageError(f"--out {out} already exists; pass --overwrite to replace it (nothing was written)")
-
-
-def _publish_dir(out: Path, write: Callable[[Path], object]) -> None:
-    """Run `write(tmp)` in a temporary sibling of `out`, then rename it to `out` (replacing an old one)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        elif old.exists():
-            old.unlink()
 
 
 @click.group(name="linrep")
@@ -69,7 +48,7 @@ def geometry(store: str, pair_files: tuple[str, ...], out: str, n_random: int, s
     where = Path(out)
     _refuse_existing(where, overwrite)
     result = geometry_from_store(open_store(store), list(pair_files), n_random=n_random, seed=seed)
-    _publish_dir(where, lambda tmp: write_geometry(result, tmp))
+    publish_dir(where, lambda tmp: write_geometry(result, tmp))
     for c in result.concepts:
         e, k = result.linearity["euclidean"][c["name"]], result.linearity["causal"][c["name"]]
         click.echo(
@@ -162,7 +141,7 @@ def residual(store: str, prompts_file: str, pair_files: tuple[str, ...], lens_di
         st, rows, concepts, lens=lens, lens_path=lens_dir, held_out_fraction=held_out,
         probe=ProbeSettings(epochs=epochs, lr=lr, l2=l2, seed=seed), seed=seed, workers=workers,
     )  # fmt: skip
-    _publish_dir(where, lambda tmp: write_residual(result, tmp))
+    publish_dir(where, lambda tmp: write_residual(result, tmp))
     last = result.layers[-1]
     for name, per in result.table.items():
         r = per[last]

@@ -9,13 +9,12 @@ is interrupted leaves no OUT, or the old one. The command is registered by the m
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import click
+
+from lenscache.publish import publish_dir
 
 CONDITIONS = {"matching": True, "no-matching": False}
 NAMES = {True: "log-odds matching", False: "no log-odds matching"}
@@ -27,17 +26,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise click.UsageError(f"--out {out} exists and is not a directory; nothing was written")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise click.UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-
-
-def _publish(work: Path, out: Path) -> None:
-    """Rename the finished directory `work` to `out`, replacing an old `out` only once the new one is whole."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old / "out")
-    os.replace(work, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _cell(entry: dict, spec: str = ".3f") -> str:
@@ -119,19 +107,14 @@ def sim(m: int, steps: int, seeds: int, n_contexts: int, d: int, lr: float, eval
     seconds = time.perf_counter() - start
     options = {"m": m, "steps": steps, "seeds": seeds, "n_contexts": n_contexts, "d": d, "lr": lr,
                "eval_every": eval_every, "condition": condition}  # fmt: skip
-    where.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=where.parent, prefix=f".{where.name}.partial-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    work.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become OUT's mode
-    try:
+
+    def write(work: Path) -> None:
         (work / "sim.json").write_text(json.dumps({"options": options, "seconds": seconds, "conditions": results},
                                                   indent=1), encoding="utf-8")  # fmt: skip
         plot(results, work / "sim.png")
         (work / "sim.md").write_text(markdown(results, seconds), encoding="utf-8")
-        _publish(work, where)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+    publish_dir(where, write)
     click.echo(f"wrote sim.json, sim.png, sim.md to {out} ({seconds:.1f} s)")
     for name, res in results.items():
         f = res["final"]
