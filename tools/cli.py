@@ -15,6 +15,7 @@ from lenscache.tools.anomaly_cli import anomaly
 from lenscache.tools.cbe_cli import cbe
 from lenscache.tools.copy_cli import copy_cmd
 from lenscache.tools.linrep_cli import linrep
+from lenscache.tools.report_cli import report
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -422,7 +423,7 @@ def lens_import(tuned_lens_dir: str, store: str, out: str) -> None:
     click.echo(f"wrote {import_tuned_lens(tuned_lens_dir, open_store(store)).save(out)}")
 
 
-for command in (cbe, trajectory, depth, anomaly, linrep, copy_cmd):
+for command in (cbe, trajectory, depth, anomaly, linrep, copy_cmd, report):
     cli.add_command(command)
 
 INTERRUPTED = "interrupted; an interrupted build continues with --resume"
