@@ -197,7 +197,8 @@ def check_report_out(out: str | Path, overwrite: bool) -> Path:
 
 def publish_report(report: FidelityReport, out: Path) -> Path:
     """Write the report into OUT.partial, then rename it to OUT (replacing an old one only when whole)."""
-    from lenscache.tools.cbe_cli import _publish, partial_dir
+    from lenscache.publish import replace_dir
+    from lenscache.tools.cbe_cli import partial_dir
 
     work = partial_dir(out)
     shutil.rmtree(work, ignore_errors=True)  # a report torn by a kill: ours, never a result
@@ -206,7 +207,7 @@ def publish_report(report: FidelityReport, out: Path) -> Path:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _publish(work, out)
+    replace_dir(work, out)
     return out
 
 
