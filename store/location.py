@@ -92,8 +92,9 @@ CREDENTIALS_HINT = (
 
 @contextmanager
 def remote_access(location: str | os.PathLike, action: str = "read") -> Iterator[None]:
-    """Turn an object store's refusal (wrong credentials, a read-only identity) into a StoreError naming
-    the location; local paths keep their own OSError (which names the file)."""
+    """Turn an object store's refusal (wrong credentials, a read-only identity), or a service that cannot be
+    reached at all, into a StoreError naming the location; local paths keep their own OSError (which
+    names the file)."""
     try:
         yield
     except PermissionError as exc:
@@ -105,6 +106,23 @@ def remote_access(location: str | os.PathLike, action: str = "read") -> Iterator
                 f"read-only credentials can read stores but not write them; {CREDENTIALS_HINT}"
             ) from None
         raise StoreError(f"{location}: the storage service refused access ({exc}); {CREDENTIALS_HINT}") from None
+    except Exception as exc:
+        if not is_url(location) or not _unreachable(exc):
+            raise
+        raise StoreError(
+            f"{location}: cannot reach the storage service ({exc}); check the endpoint (AWS_ENDPOINT_URL for an "
+            "S3-compatible service) and the network"
+        ) from None
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says that no connection to the service could be made (refused, timed out, reset);
+    botocore's own ConnectionError is no OSError, so it is named here (when botocore is installed)."""
+    try:
+        from botocore.exceptions import ConnectionError as BotocoreConnectionError
+    except ImportError:
+        return isinstance(exc, ConnectionError)
+    return isinstance(exc, (ConnectionError, BotocoreConnectionError))
 
 
 def _missing_bucket(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
@@ -171,10 +189,12 @@ def _read_root(location: str | os.PathLike, fs: fsspec.AbstractFileSystem, path:
     if not is_url(location):
         return read_member(Path(path), "zarr.json")
     root = f"{path.rstrip('/')}/zarr.json"
-    if not fs.exists(root):
+    try:
+        # one GET: open() + read() would send a HEAD, then a GET that fails (FileExpired) when the
+        # writer's commit replaced zarr.json in between, as it does while a reader polls a growing store
+        return fs.cat_file(root)
+    except FileNotFoundError:
         return None
-    with fs.open(root, "rb") as f:
-        return f.read()
 
 
 def unsafe_member(name: str) -> bool:
