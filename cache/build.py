@@ -66,6 +66,13 @@ class BuildConfig:
     break_lock: bool = False  # take over a writer lock whose holder cannot be checked (--break-lock)
     fsync: bool = True  # local stores: a row is on the device before the commit that names it
     progress: bool = True
+    workers: int = 1  # more: rows are built by that many Dask worker processes (a LocalCluster; --workers)
+    scheduler: str | None = None  # an existing Dask cluster's scheduler address builds the rows (--scheduler)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether Dask workers build the rows (cache/distributed.py) rather than this process."""
+        return self.workers > 1 or self.scheduler is not None
 
 
 @dataclass
@@ -79,6 +86,7 @@ class BuildSummary:
     raw_bytes: int
     head_max_abs_error: float | None
     resumed_from: int
+    workers: dict[str, Any] | None = None  # distributed builds: workers, tasks and their timings
 
     @property
     def tokens_per_second(self) -> float:
@@ -185,6 +193,17 @@ def check_config(cfg: BuildConfig) -> None:
         raise DataError(f"packing (--packing) must be one of {', '.join(PACKINGS)}, got {cfg.packing!r}")
     if cfg.packing == "padded" and cfg.separator is not None:
         raise DataError("--separator has no use with --packing padded (one document per sequence)")
+    if cfg.workers < 1:
+        raise DataError(f"workers (--workers) must be at least 1, got {cfg.workers}")
+    if cfg.scheduler is not None and cfg.workers > 1:
+        raise DataError(
+            "workers and scheduler (--workers, --scheduler) exclude each other: --workers N starts a local "
+            "cluster of N workers, --scheduler uses the workers of an existing one"
+        )
+    if cfg.distributed:
+        from .distributed import check_distributed
+
+        check_distributed(cfg)
     get_preset(cfg.codec)
     check_model_spec(cfg.model)
     check_packing(cfg.seq_len, cfg.max_tokens)
@@ -196,13 +215,25 @@ def build_store(cfg: BuildConfig) -> BuildSummary:
     if read_lock(cfg.out) is None:
         _out_state(cfg)  # before the lock: no lock file is left in a directory that holds no store
     check_config(cfg)
+    if cfg.distributed:
+        from .distributed import connect
+
+        # the cluster first: a scheduler that does not answer fails here, before the store location
+        # is touched (not even the lock file), and a local cluster's workers start while the model loads
+        with connect(cfg) as cluster:
+            cluster.preload(cfg.model)
+            return _locked(cfg, cluster)
+    return _locked(cfg, None)
+
+
+def _locked(cfg: BuildConfig, cluster) -> BuildSummary:
     # One writer per store: a second one fails here (StoreLocked, naming the holder), before a model
     # loads or a byte is written. The state is checked again under the lock: what it was before may
     # have been another writer's work in progress.
     with writer_lock(
         cfg.out, command="build", clear_stale=cfg.resume or cfg.overwrite, break_lock=cfg.break_lock
-    ):
-        return _build_locked(cfg, _out_state(cfg))
+    ) as lock:
+        return _build_locked(cfg, _out_state(cfg), cluster, lock)
 
 
 def _pack(cfg: BuildConfig, tokenizer) -> PackedTokens:
@@ -224,13 +255,15 @@ def _out_state(cfg: BuildConfig) -> str:
     return state
 
 
-def _build_locked(cfg: BuildConfig, state: str) -> BuildSummary:
+def _build_locked(cfg: BuildConfig, state: str, cluster=None, lock=None) -> BuildSummary:
     loaded = load_model(cfg.model)
     taps = find_taps(loaded.model)
     n_layers = taps.n_layers
     max_ctx = loaded.provenance.get("max_context")
     if max_ctx and cfg.seq_len > max_ctx:
-        raise DataError(f"seq_len (--seq-len) {cfg.seq_len} is larger than the model's context ({max_ctx} tokens)")
+        raise DataError(
+            f"seq_len (--seq-len) {cfg.seq_len} is larger than the model's context ({max_ctx} tokens)"
+        )
     layers = _resolve_layers(cfg.layers, n_layers)
     preset = get_preset(cfg.codec)
     packed = _pack(cfg, loaded.tokenizer)
@@ -296,7 +329,11 @@ def _build_locked(cfg: BuildConfig, state: str) -> BuildSummary:
         )  # fmt: skip
 
     writer.fsync = cfg.fsync
-    return _run(cfg, loaded, taps, packed, writer, RowEncoder(writer.meta, preset), layers, start)
+    if cluster is not None:
+        # the workers load their own copies: this process's one is dropped before they start theirs
+        del loaded, taps, unembed, head_arrays
+        return cluster.run(cfg, writer, preset, packed.tokens, start, lock)
+    return _run(cfg, loaded, taps, packed, writer, RowEncoder(writer.meta, preset), start)
 
 
 def _d_model(loaded: LoadedModel) -> int:
@@ -391,23 +428,27 @@ def writes_between_passes(device: torch.device) -> bool:
     return torch.get_num_threads() >= available_cores()
 
 
+StoreRow = Callable[[int, int, dict[str, np.ndarray]], None]
+
+
 class RowWriter:
-    """Writes encoded rows and commits them, between forward passes (`inline`) or from a writer
-    thread fed through a bounded queue; hands reused row buffers out and back.
+    """Hands each encoded row to `store_row` (which writes it, and commits it or reports it), between
+    forward passes (`inline`) or from a writer thread fed through a bounded queue; hands reused row
+    buffers out and back.
 
     A failure in the writer is kept and raised in the main thread by `raise_failure`; after one,
     the thread keeps taking rows (giving their buffers back) so the producer never blocks.
     """
 
-    def __init__(self, writer: StoreWriter, encoder: RowEncoder, *, staging: bool, inline: bool, rows: int):
-        self.writer, self.encoder, self.inline = writer, encoder, inline
+    def __init__(self, meta: StoreMeta, encoder: RowEncoder, store_row: StoreRow, *, staging: bool, inline: bool,
+                 rows: int):  # fmt: skip
+        self.encoder, self.store_row, self.inline = encoder, store_row, inline
         self.failure: BaseException | None = None
         self.raw_bytes = 0
         self._work: queue.Queue = queue.Queue(maxsize=2)
         # last in, first out: writing between passes, one buffer serves every row (the others are
         # never touched, so they cost no memory)
         self._free: queue.LifoQueue | None = queue.LifoQueue() if staging else None
-        meta = writer.meta
         for _ in range(ROW_BUFFERS if staging else 0):
             self._free.put(encoder.new_row(rows, (meta.seq_len, meta.d_model)))
         self._thread = threading.Thread(target=self._loop, name="lenscache-writer", daemon=True)
@@ -433,16 +474,17 @@ class RowWriter:
         exc = self.failure
         if exc is None:
             return
-        if not isinstance(exc, Exception):  # Ctrl-C and the like, as they came
+        if not isinstance(exc, Exception) or isinstance(exc, LensCacheError):  # as they came (Ctrl-C, ...)
+            # not `raise exc from exc`: an exception that is its own cause sends a walk of the causes
+            # (Dask's, when a worker reports a task's error) round in circles
             raise exc
-        raise (exc if isinstance(exc, LensCacheError) else StoreError(f"writing {out} failed: {exc!r}")) from exc
+        raise StoreError(f"writing {out} failed: {exc!r}") from exc
 
     def _write(self, row_start: int, batches: list[BatchOutput], row: np.ndarray | None) -> None:
         n = sum(b.n for b in batches)
         arrays = self.encoder.encode_row(row_start, batches, None if row is None else row[:, :n])
         self.raw_bytes += sum(a.nbytes for a in arrays.values())
-        self.writer.write_rows(row_start, arrays)
-        self.writer.commit(row_start + n)
+        self.store_row(row_start, n, arrays)
 
     def _take(self, item: tuple[int, list[BatchOutput], np.ndarray | None]) -> None:
         row_start, batches, row = item
@@ -459,28 +501,41 @@ class RowWriter:
             self._take(item)
 
 
-def _run(
-    cfg, loaded, taps, packed, writer: StoreWriter, encoder: RowEncoder, layers, start: int
-) -> BuildSummary:
-    meta = writer.meta
-    # only the rows count towards throughput and compression (not the head and tokens written up front)
-    written_before = writer.counter.bytes_written
-    n_seq, s, batch = meta.n_sequences, meta.build.seqs_per_chunk, meta.build.batch_size
+def build_rows(
+    out: str,
+    loaded: LoadedModel,
+    taps,
+    meta: StoreMeta,
+    encoder: RowEncoder,
+    tokens: np.ndarray,
+    start: int,
+    store_row: StoreRow,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[int, int]:
+    """Build sequences [start, start + len(tokens)) of a store: forward passes, encoding, and
+    `store_row(row_start, n, arrays)` for each row of `seqs_per_chunk` sequences, in order.
+
+    The one-process build (`_run`) and each task of a distributed build (cache/distributed.py) run
+    this same code, so a row's batches and bytes do not depend on which of them built it; `start`
+    is a multiple of `seqs_per_chunk`. `on_batch(sequences, raw_bytes)` follows each forward pass
+    (sequences forwarded so far, bytes encoded so far). Returns (sequences stored, raw bytes encoded).
+    """
+    end = start + tokens.shape[0]
+    s, batch = meta.build.seqs_per_chunk, meta.build.batch_size
     # On CPU with a lossless preset the forward pass encodes each boundary into a row buffer from
     # its hook (see ResidualRecorder's sink); the writer hands each buffer back when it is written.
     rows = RowWriter(
-        writer,
+        meta,
         encoder,
+        store_row,
         staging=encoder.stages_in_hooks(loaded.device),
         inline=writes_between_passes(loaded.device),
-        rows=min(s, n_seq),
+        rows=min(s, meta.n_sequences),
     )
-    bar = _progress(cfg, n_seq, start, meta.seq_len)
-    t0 = time.perf_counter()
     built = 0
     try:
-        for row_start in range(start, n_seq, s):
-            row_end = min(row_start + s, n_seq)
+        for row_start in range(start, end, s):
+            row_end = min(row_start + s, end)
             row = rows.row_buffer()
             if rows.failure is not None:
                 break
@@ -488,22 +543,46 @@ def _run(
             for b0 in range(row_start, row_end, batch):
                 b1 = min(b0 + batch, row_end)
                 sink = None if row is None else encoder.sink(row, b0 - row_start, row_start)
-                batches.append(_forward(loaded, taps, packed.tokens[b0:b1], layers, meta.final["topk"],
-                                        keep_logits=meta.final["full_logits"], sink=sink))  # fmt: skip
-                if bar is not None:
-                    bar.update(b1 - b0)
-                    written = writer.counter.bytes_written - written_before
-                    _postfix(bar, built + b1 - row_start, meta.seq_len, t0, written, rows.raw_bytes)
+                batches.append(_forward(loaded, taps, tokens[b0 - start : b1 - start], meta.layers,
+                                        meta.final["topk"], keep_logits=meta.final["full_logits"], sink=sink))  # fmt: skip
+                if on_batch is not None:
+                    on_batch(built + b1 - row_start, rows.raw_bytes)
             rows.submit(row_start, batches, row)
             built += row_end - row_start
     finally:
         rows.close()
+    rows.raise_failure(out)
+    return built, rows.raw_bytes
+
+
+def _run(cfg, loaded, taps, packed, writer: StoreWriter, encoder: RowEncoder, start: int) -> BuildSummary:
+    meta = writer.meta
+    # only the rows count towards throughput and compression (not the head and tokens written up front)
+    written_before = writer.counter.bytes_written
+    n_seq = meta.n_sequences
+    bar = _progress(cfg, n_seq, start, meta.seq_len)
+    t0 = time.perf_counter()
+    shown = 0
+
+    def store_row(row_start: int, n: int, arrays: dict[str, np.ndarray]) -> None:
+        writer.write_rows(row_start, arrays)
+        writer.commit(row_start + n)
+
+    def on_batch(seqs: int, raw: int) -> None:
+        nonlocal shown
+        bar.update(seqs - shown)
+        shown = seqs
+        _postfix(bar, seqs, meta.seq_len, t0, writer.counter.bytes_written - written_before, raw)
+
+    try:
+        built, raw = build_rows(cfg.out, loaded, taps, meta, encoder, packed.tokens[start:], start, store_row,
+                                None if bar is None else on_batch)  # fmt: skip
+    finally:
         if bar is not None:
             bar.close()
-    rows.raise_failure(cfg.out)
     seconds = time.perf_counter() - t0
     written = writer.counter.bytes_written - written_before
-    return _summary(cfg, writer, n_seq, built * meta.seq_len, seconds, written, rows.raw_bytes, start)
+    return _summary(cfg, writer, n_seq, built * meta.seq_len, seconds, written, raw, start)
 
 
 def _summary(

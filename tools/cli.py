@@ -126,6 +126,19 @@ def cli() -> None:
     help="Local stores: do not wait for each row to reach the device before committing it (faster on "
     "slow disks; a killed process still resumes, an OS crash or power loss may then lose rows).",
 )
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Build with this many Dask worker processes (a local cluster; each loads the model; "
+    "needs lenscache[distributed]). 1: in this process.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Build on the workers of an existing Dask cluster: its scheduler address (tcp://HOST:PORT).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def build(**kw) -> None:
@@ -155,6 +168,8 @@ def build(**kw) -> None:
         fsync=not kw["no_fsync"],
         break_lock=kw["break_lock"],
         progress=not kw["no_progress"],
+        workers=kw["workers"],
+        scheduler=kw["scheduler"],
     )
     keep_freed_memory()  # this process exists to build: reuse freed memory batch after batch
     s = build_store(cfg)
