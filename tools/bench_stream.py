@@ -26,13 +26,15 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
 
 from lenscache.fit.stream import BlockSource, MemorySource, ResidualStream, StreamSpec, ZarrSource
 from lenscache.fit.tuned import TunedConfig, fit_tuned
-from lenscache.reader import open_store
+from lenscache.reader import Store, open_store
 from lenscache.tools.machine import describe_machine
 from lenscache.tools.smoke import (
     add_smoke_args,
@@ -42,9 +44,6 @@ from lenscache.tools.smoke import (
     smoke_model,
     smoke_store,
 )
-
-# a checkpoint interval no fit here reaches: checkpoints would be timed with the fit
-
 
 # the real run's sizes, and the smoke run's (seconds on two tiny stores of 4-sequence chunks)
 REAL = {"rss_buffer_tokens": 4096, "batch_tokens": 512, "buffer_tokens": 4096}
@@ -67,6 +66,34 @@ class TimedSource:
         self.seconds += time.perf_counter() - t0
         self.blocks += 1
         return block
+
+
+def alternating_fits(
+    runs: dict[str, tuple[Store, BlockSource]],
+    spec: StreamSpec,
+    rounds: int,
+    around: Callable[[str], AbstractContextManager] | None = None,
+) -> tuple[dict[str, list[float]], bool]:
+    """The same tuned-lens fit (same seed, same minibatches) from each (store, source) of `runs`, in
+    reversed order every other round so that drift hits all alike; each fit inside `around(name)` when
+    given. Returns each run's seconds per round and whether every round's lenses were bit-identical."""
+    per_round: dict[str, list[float]] = {name: [] for name in runs}
+    same = True
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+            weights = []
+            for name in order:
+                store, source = runs[name]
+                with around(name) if around is not None else nullcontext():
+                    t = time.perf_counter()
+                    lens = fit_tuned(store, Path(tmp) / name, spec, TunedConfig(checkpoint_every=0),
+                                     progress=False, source=source)  # fmt: skip
+                    per_round[name].append(time.perf_counter() - t)
+                weights.append(lens.weight.detach())
+            same = same and all(torch.equal(weights[0], w) for w in weights[1:])
+            print(f"round {r}: " + ", ".join(f"{n} {per_round[n][-1]:.1f} s" for n in runs), flush=True)
+    return per_round, same
 
 
 def pass_rss(url: str, buffer_tokens: int, read_ahead: int, batch_tokens: int) -> dict:
@@ -165,20 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     preload_s = time.perf_counter() - t
     # the store's reader, as `ResidualStream` makes it when given no source, with its reads timed
     zarr = TimedSource(ZarrSource(store, spec.workers))
-    timings = {"zarr": 0.0, "memory": 0.0}
-    same = True
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            order = (("zarr", zarr), ("memory", memory))
-            weights = {}
-            for name, source in order if r % 2 == 0 else order[::-1]:
-                t = time.perf_counter()
-                config = TunedConfig(checkpoint_every=0)
-                lens = fit_tuned(store, Path(tmp) / name, spec, config, progress=False, source=source)
-                timings[name] += time.perf_counter() - t
-                weights[name] = lens.weight.detach()
-            same = same and bool(torch.equal(weights["zarr"], weights["memory"]))
-            print(f"round {r}: zarr {timings['zarr']:.1f} s, memory {timings['memory']:.1f} s (cumulative)", flush=True)
+    per_round, same = alternating_fits({"zarr": (store, zarr), "memory": (store, memory)}, spec, args.rounds)
+    timings = {name: sum(seconds) for name, seconds in per_round.items()}
     tokens = args.rounds * stream.total_tokens()  # the last minibatch of a pass may be short
     n_layers = len(stream.layers)
     fit_flops = 4 * meta.d_model * meta.vocab_size * n_layers * tokens / timings["zarr"]
