@@ -152,6 +152,7 @@ def test_cli_workers_starts_a_local_cluster_with_the_same_result(
     main([*cli_args(cfg), "--workers", "2", "--out", str(out), "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert summary["sequences"] == N_SEQ
+    assert summary["workers"]["local"] and summary["workers"]["workers"] == 2 and summary["workers"]["tasks"] == 6
     assert_identical(out, references["bf16"])
     assert not (out / LOCK_NAME).exists()
 

@@ -120,6 +120,19 @@ def test_build_on_s3_equals_the_local_build(s3, s3_store, local):
     assert not any(k.endswith(LOCK_NAME) for k in s3.objects(BUCKET))  # the build released its lock
 
 
+def test_a_two_worker_build_into_s3_writes_the_same_objects(s3, s3_store, args):
+    """`--workers 2` into S3: the workers (processes of a LocalCluster, with the driver's AWS variables)
+    write their rows' chunks themselves; every object equals the one-process S3 build's (same ETags)."""
+    url = f"s3://{BUCKET}/two-workers.zarr"
+    r = build(s3.env("writer", ENV), args, url, "--workers", "2", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["workers"]["workers"] == 2 and summary["workers"]["tasks"] == N_SEQ // 2
+    assert chunk_etags(s3, url) == chunk_etags(s3, s3_store)
+    with s3.as_identity("reader"):
+        assert verify_store(url).ok and open_store(url).meta.build.status == "complete"
+
+
 def test_read_commands_with_read_only_credentials_write_nothing(s3, s3_store, local, args, tmp_path, capsys):
     """info, verify, fit, eval and cbe from an identity that may only read: they work, their results equal
     those from the local twin, and the server receives no write request at all."""

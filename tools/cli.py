@@ -185,6 +185,8 @@ def build(**kw) -> None:
         "compression_ratio": round(s.compression_ratio, 3),
         "head_max_abs_error": s.head_max_abs_error,
     }
+    if s.workers is not None:  # a distributed build: the cluster, its workers, tasks and their timings
+        summary["workers"] = s.workers
     if kw["as_json"]:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -193,6 +195,8 @@ def build(**kw) -> None:
             f"({s.tokens_built:,} this run{f', resumed at sequence {s.resumed_from}' if s.resumed_from else ''}) "
             f"in {s.seconds:,.1f} s = {s.tokens_per_second:,.0f} tokens/s; wrote {s.bytes_written / 2**20:,.1f} MiB, "
             f"compression {s.compression_ratio:.2f}x; head check max |Δlogit| {s.head_max_abs_error:.2e}"
+            + (f"; {s.workers['tasks']} rows on {s.workers['workers']} Dask workers ({s.workers['scheduler']})"
+               if s.workers is not None else "")
         )
 
 
