@@ -330,7 +330,8 @@ def _build_locked(cfg: BuildConfig, state: str, cluster=None, lock=None) -> Buil
 
     writer.fsync = cfg.fsync
     if cluster is not None:
-        # the workers load their own copies: this process's one is dropped before they start theirs
+        # the workers build with their own copies (loaded while this process laid the store out): this
+        # process's copy has served its purpose (identity, head check, layout) and goes
         del loaded, taps, unembed, head_arrays
         return cluster.run(cfg, writer, preset, packed.tokens, start, lock)
     return _run(cfg, loaded, taps, packed, writer, RowEncoder(writer.meta, preset), start)

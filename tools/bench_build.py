@@ -48,7 +48,7 @@ from lenscache.cache.model import ModelSpec, load_model
 from lenscache.cache.text import DataSpec, pack_tokens
 from lenscache.tools.inspect_store import describe
 from lenscache.tools.machine import describe_machine
-from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, out_path, smoke_model
+from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, smoke_model, write_result
 
 WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -298,9 +298,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "compression_ratio_resid": info["compression_ratio_resid"],
         "final_distribution_bytes_per_token": info["final_distribution_bytes_per_token"],
     }
-    out = out_path(args.out, "build", args.smoke)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_result(result, args.out, "build", args.smoke)
     wait = result["user_wait"]
     print(
         f"build {result['build_tokens_per_second']:.0f} tok/s vs bare forward {forward_tps:.0f} tok/s: "

@@ -54,7 +54,7 @@ def rss_run(store: str, lens: str, layers: list[int], k: int, tokens: int, steps
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lenscache.tools.smoke import add_smoke_args, out_path, smoke_model, smoke_store
+    from lenscache.tools.smoke import add_smoke_args, smoke_model, smoke_store, write_result
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", help="a store of the model (real run)")
@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             "peak_rss_growth_4x_tokens": round(big["peak_rss_MiB"] / small["peak_rss_MiB"] - 1, 4),
         },
     }
-    out = out_path(args.out, "cbe", args.smoke)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_result(result, args.out, "cbe", args.smoke)
     print(json.dumps({k: result[k] for k in ("energy_ratio_streamed_over_full_batch", "wall_seconds", "rss")}, indent=2))
     print(f"wrote {out}")
     return result

@@ -43,7 +43,7 @@ def rss_run(store: str, lens: str, tokens: int, batch_tokens: int, out: str) -> 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lenscache.tools.smoke import add_smoke_args, out_path, smoke_model, smoke_store
+    from lenscache.tools.smoke import add_smoke_args, smoke_model, smoke_store, write_result
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", help="a store of the model (real run)")
@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_second_4x": round(big["tokens"] / big["seconds"], 1) if big["seconds"] else None,
         "summary_4x": big["summary"],
     }
-    out = out_path(args.out, "depth", args.smoke)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_result(result, args.out, "depth", args.smoke)
     print(json.dumps({"rss": result["rss"], "tokens_per_second_4x": result["tokens_per_second_4x"]}, indent=2))
     print(f"peak RSS ratio 4N/N: {ratio:.4f}")
     print(f"wrote {out}")

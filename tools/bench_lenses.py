@@ -30,7 +30,7 @@ from lenscache.fit.stream import ResidualStream, StreamSpec
 from lenscache.fit.tuned import TunedConfig, fit_tuned
 from lenscache.reader import open_store
 from lenscache.tools.machine import describe_machine
-from lenscache.tools.smoke import add_smoke_args, out_path, smoke_model, smoke_store
+from lenscache.tools.smoke import add_smoke_args, smoke_model, smoke_store, write_result
 
 # a checkpoint interval no fit here reaches: checkpoints would be timed with the fit
 
@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "report": report.to_dict(),
     }
-    out = out_path(args.out, "lenses", args.smoke)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_result(result, args.out, "lenses", args.smoke)
     if args.plot:
         plot(report, args.plot)
     print("layer  " + "  ".join(f"{n:>10}" for n in kl))

@@ -43,7 +43,14 @@ from lenscache.reader import Store, open_store
 from lenscache.tools.bench_stream import TimedSource, alternating_fits
 from lenscache.tools.machine import describe_machine
 from lenscache.tools.s3_loopback import loopback_s3, stats_delta
-from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, out_path, run_in_child, smoke_model, smoke_store
+from lenscache.tools.smoke import (
+    SMOKE_DATA,
+    add_smoke_args,
+    run_in_child,
+    smoke_model,
+    smoke_store,
+    write_result,
+)
 
 BUCKET = "lenscache-bench"
 TARGET = 0.80
@@ -289,9 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         "same_lenses_from_s3_and_local": all(s["same_result"] for s in fit["settings"].values())
         and result["affine"]["same_result"],
     }
-    out = out_path(args.out, "remote", args.smoke)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_result(result, args.out, "remote", args.smoke)
     print(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return result

@@ -38,11 +38,11 @@ from lenscache.reader import Store, open_store
 from lenscache.tools.machine import describe_machine
 from lenscache.tools.smoke import (
     add_smoke_args,
-    out_path,
     peak_rss_mib,
     run_in_child,
     smoke_model,
     smoke_store,
+    write_result,
 )
 
 # the real run's sizes, and the smoke run's (seconds on two tiny stores of 4-sequence chunks)
@@ -237,9 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         "streaming_ratio_at_least_0_90": result["fit"]["throughput_ratio_zarr_over_memory"] >= 0.90,
         "rss_growth_under_10_percent": (abs(result["rss"]["peak_rss_growth"]) < 0.10) if args.big_store else None,
     }
-    out = out_path(args.out, "stream", args.smoke)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_result(result, args.out, "stream", args.smoke)
     print(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return result

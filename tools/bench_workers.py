@@ -37,7 +37,7 @@ from lenscache.cache.build import BuildConfig, BuildSummary, build_store
 from lenscache.cache.host_memory import keep_freed_memory
 from lenscache.cache.model import ModelSpec
 from lenscache.tools.bench_build import data_spec
-from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, out_path, smoke_model
+from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, smoke_model, write_result
 
 REAL = {"max_tokens": 16384, "seq_len": 512}
 SMOKE = {"max_tokens": 32 * 12, "seq_len": 32, "seqs_per_chunk": 4}
@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "workers", "smoke": bool(args.smoke), "machine": describe_machine(), **result}
     if args.smoke:
         result["model"] = "tiny random llama" if args.model is None else args.model
-    out = out_path(args.out, "workers", args.smoke)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_result(result, args.out, "workers", args.smoke)
     print(
         f"{args.workers} workers / 1 process: {result['tokens_per_s_2']:,.0f} / {result['tokens_per_s_1']:,.0f} "
         f"tokens/s = ratio {result['ratio_2_over_1']:.3f}; overhead {result['overhead_s_per_row']:.2f} s per row "

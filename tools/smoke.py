@@ -42,6 +42,14 @@ def out_path(out: str | None, name: str, smoke: bool) -> Path:
     return Path("bench-results") / f"{name}.json"
 
 
+def write_result(result: dict, out: str | None, name: str, smoke: bool) -> Path:
+    """Write a benchmark's JSON where `out_path` says; the path written."""
+    path = out_path(out, name, smoke)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path
+
+
 def tiny_model(work: Path) -> str:
     """A tiny random Llama with its tokenizer, saved under `work` (the test suite's own maker)."""
     from lenscache.tools.tiny_models import make_tiny_model  # transformers' model classes: only when needed
