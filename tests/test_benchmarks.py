@@ -98,8 +98,11 @@ def smoke_runs(llama_dir, tmp_path_factory) -> dict[str, tuple[subprocess.Comple
         # cwd: an empty directory, so that nothing a run writes by a relative path lands in the checkout
         work = root / name
         work.mkdir()
+        # its own temporary directory, to see what a run leaves behind in it
+        (root / f"{name}.tmp").mkdir()
+        run_env = {**env, "TMPDIR": str(root / f"{name}.tmp")}
         try:
-            done = subprocess.run(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            done = subprocess.run(cmd, cwd=work, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   timeout=TIMEOUT_S)  # fmt: skip
             return subprocess.CompletedProcess(cmd, done.returncode, done.stdout.decode(errors="replace")), out
         except subprocess.TimeoutExpired as exc:
@@ -135,6 +138,10 @@ def test_smoke_run(name, smoke_runs):
             assert math.isfinite(v), f"{name}: {path} = {v!r}"
     for path in MUST_HOLD.get(name, []):
         assert values_at(result, path) == [True], f"{name}: {path} is not true"
+    # a benchmark's scratch stores (hundreds of MB in a real run) go when it ends; other libraries' caches
+    # (dask's scratch space, torch's compile cache) are theirs to keep
+    left = sorted(p.name for p in (out.parent / f"{name}.tmp").iterdir() if p.name.startswith("lenscache-"))
+    assert not left, f"{name} --smoke left its scratch directories behind: {left}"
 
 
 @pytest.mark.parametrize("name", sorted(REPORTS))

@@ -26,7 +26,6 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +47,7 @@ from lenscache.cache.model import ModelSpec, load_model
 from lenscache.cache.text import DataSpec, pack_tokens
 from lenscache.tools.inspect_store import describe
 from lenscache.tools.machine import describe_machine
-from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, smoke_model, write_result
+from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, scratch_dir, smoke_model, write_result
 
 WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(json.dumps(child_build(config(args.store, args.tokens))))
         return None
 
-    work = Path(tempfile.mkdtemp(prefix="lenscache-bench-"))
+    work = scratch_dir("bench-build")
     if args.smoke:
         model_name = smoke_model(args.model, work)
     loaded = load_model(ModelSpec(model_name))

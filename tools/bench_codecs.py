@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from lenscache.reader import Store, open_store
 from lenscache.schema import HEAD, QUANT_SCHEMA_VERSION, RESID, RESID_SCALE, StoreMeta
 from lenscache.tokenizer import read_arrays
 from lenscache.tools.machine import describe_machine
-from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, out_path, smoke_model
+from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, out_path, scratch_dir, smoke_model
 
 # a checkpoint interval no fit here reaches: checkpoints would be timed with the fit
 
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, key) is None:
             setattr(args, key, value)
     out_file = out_path(args.out, "codecs", args.smoke)
-    work = Path(args.work or tempfile.mkdtemp(prefix="lenscache-bench-codecs-"))
+    work = Path(args.work) if args.work else scratch_dir("bench-codecs")
     work.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()

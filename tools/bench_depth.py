@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 
 from lenscache.tools.smoke import peak_rss_mib, run_in_child
 
@@ -43,7 +41,7 @@ def rss_run(store: str, lens: str, tokens: int, batch_tokens: int, out: str) -> 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lenscache.tools.smoke import add_smoke_args, smoke_model, smoke_store, write_result
+    from lenscache.tools.smoke import add_smoke_args, scratch_dir, smoke_model, smoke_store, write_result
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", help="a store of the model (real run)")
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lenscache.reader import open_store
     from lenscache.tools.machine import describe_machine
 
-    work = Path(tempfile.mkdtemp(prefix="bench-depth-"))
+    work = scratch_dir("bench-depth")
     if args.smoke:
         model = smoke_model(args.model, work)
         store_url = smoke_store(work / "smoke.zarr", model, seqs=4 * sizes["tokens"] // 32, seq_len=32)

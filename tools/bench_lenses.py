@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +28,7 @@ from lenscache.fit.stream import ResidualStream, StreamSpec
 from lenscache.fit.tuned import TunedConfig, fit_tuned
 from lenscache.reader import open_store
 from lenscache.tools.machine import describe_machine
-from lenscache.tools.smoke import add_smoke_args, smoke_model, smoke_store, write_result
+from lenscache.tools.smoke import add_smoke_args, scratch_dir, smoke_model, smoke_store, write_result
 
 # a checkpoint interval no fit here reaches: checkpoints would be timed with the fit
 
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in (SMOKE if args.smoke else REAL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    work = Path(tempfile.mkdtemp(prefix="lenscache-bench-lenses-"))
+    work = scratch_dir("bench-lenses")
     if args.smoke and args.store is None:
         args.store = smoke_store(work / "smoke.zarr", smoke_model(args.model, work), SMOKE_SEQS)
     if args.store is None:

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import zarr
@@ -47,6 +45,7 @@ from lenscache.tools.smoke import (
     SMOKE_DATA,
     add_smoke_args,
     run_in_child,
+    scratch_dir,
     smoke_model,
     smoke_store,
     write_result,
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [s for s in names if s not in SETTINGS]
     if unknown or not names:
         ap.error(f"--settings: unknown {unknown}; choose from {', '.join(SETTINGS)}")
-    work = Path(tempfile.mkdtemp(prefix="lenscache-bench-remote-"))
+    work = scratch_dir("bench-remote")
     if args.smoke and args.store is None:
         args.model = smoke_model(args.model, work)
         args.store = smoke_store(work / "small.zarr", args.model, SMOKE_SEQS)

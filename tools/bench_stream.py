@@ -40,6 +40,7 @@ from lenscache.tools.smoke import (
     add_smoke_args,
     peak_rss_mib,
     run_in_child,
+    scratch_dir,
     smoke_model,
     smoke_store,
     write_result,
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in (SMOKE if args.smoke else REAL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    work = Path(tempfile.mkdtemp(prefix="lenscache-bench-stream-"))
+    work = scratch_dir("bench-stream")
     if args.smoke and args.store is None:
         model = smoke_model(args.model, work)
         args.store = smoke_store(work / "small.zarr", model, SMOKE_SEQS)

@@ -37,7 +37,7 @@ from lenscache.cache.build import BuildConfig, BuildSummary, build_store
 from lenscache.cache.host_memory import keep_freed_memory
 from lenscache.cache.model import ModelSpec
 from lenscache.tools.bench_build import data_spec
-from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, smoke_model, write_result
+from lenscache.tools.smoke import SMOKE_DATA, add_smoke_args, scratch_dir, smoke_model, write_result
 
 REAL = {"max_tokens": 16384, "seq_len": 512}
 SMOKE = {"max_tokens": 32 * 12, "seq_len": 32, "seqs_per_chunk": 4}
@@ -87,7 +87,7 @@ def measure_workers(
     to this process, as ``lenscache build`` does (the workers of the local cluster do it themselves).
     """
     keep_freed_memory()
-    work = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="bench-workers-"))
+    work = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="lenscache-bench-workers-"))
     work.mkdir(parents=True, exist_ok=True)
     spec = data_spec(data)
     common = dict(model=ModelSpec(model), data=spec, seq_len=seq_len, max_tokens=max_tokens, layers=layers,
@@ -159,12 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("max_tokens", "seq_len", "seqs_per_chunk"):
         if getattr(args, key) is not None:
             sizes[key] = getattr(args, key)
-    work = Path(tempfile.mkdtemp(prefix="bench-workers-model-"))
+    work = scratch_dir("bench-workers-model")
     model = smoke_model(args.model, work) if args.smoke else (args.model or "default")
     data = SMOKE_DATA if args.smoke else args.data
     result = measure_workers(model, sizes["max_tokens"], sizes["seq_len"], args.workers, args.keep, data=data,
                              layers=parse_layers(args.layers), seqs_per_chunk=sizes.get("seqs_per_chunk"))  # fmt: skip
-    shutil.rmtree(work, ignore_errors=True)
     result = {"benchmark": "workers", "smoke": bool(args.smoke), "machine": describe_machine(), **result}
     if args.smoke:
         result["model"] = "tiny random llama" if args.model is None else args.model

@@ -30,7 +30,6 @@ import argparse
 import json
 import pickle
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +42,7 @@ from lenscache.encoding import SERIALIZER, compressors
 from lenscache.errors import LensCacheError
 from lenscache.tools.machine import describe_machine
 from lenscache.tools.s3_loopback import KEY, REGION, loopback_s3, stats_delta
+from lenscache.tools.smoke import scratch_dir
 
 BUCKET = "icechunk-eval"
 FULL = {"layers": 4, "rows": 4, "seqs": 8, "pos": 512, "d": 576, "read_rounds": 3}
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": args.store or "synthetic bfloat16 activations",
         "results": {},
     }
-    work = Path(tempfile.mkdtemp(prefix="lenscache-eval-icechunk-"))
+    work = scratch_dir("eval-icechunk")
     with loopback_s3(BUCKET) as server, server.active():
         for backend_cls in (Plain, Ice):
             for place in ("s3", "local"):

@@ -8,8 +8,10 @@ as the real run with tiny sizes, so a benchmark that no longer runs fails in the
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,14 @@ def out_path(out: str | None, name: str, smoke: bool) -> Path:
     if smoke:  # a smoke run must never replace the figures of a real one
         return Path(tempfile.gettempdir()) / "lenscache-smoke" / f"{name}.json"
     return Path("bench-results") / f"{name}.json"
+
+
+def scratch_dir(name: str) -> Path:
+    """A fresh temporary directory for a benchmark's stores, removed when the process exits (also on an
+    error): a real run's stores are hundreds of MB and are not worth keeping by accident."""
+    path = Path(tempfile.mkdtemp(prefix=f"lenscache-{name}-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def write_result(result: dict, out: str | None, name: str, smoke: bool) -> Path:
