@@ -45,6 +45,7 @@ from lenscache.cache.direct_store import MIN_DIRECT_BYTES, PROBE_WRITES
 from lenscache.cache.faults import ENV, armed
 from lenscache.reader import open_store
 from lenscache.schema import RESID, RESID_SCALE
+from lenscache.tools.smoke import write_result
 from lenscache.verify import verify_store
 
 CLI = [sys.executable, "-m", "lenscache.tools.cli", "build"]
@@ -389,10 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
             result = torture(build_args, work, int(args.points), args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    default = Path(tempfile.gettempdir()) / "lenscache-smoke" if args.smoke else Path("bench-results")
-    out = Path(args.out) if args.out else default / "crash_torture.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_result(result, args.out, "crash_torture", args.smoke)
     summary = {k: v for k, v in result.items() if k != "kills"}
     print(json.dumps({**summary, "report": str(out)}, indent=2))
     if not result["all_ok"]:
